@@ -1,0 +1,135 @@
+"""`mtlsctl init`: the guide's directory, database, openssl.cnf, CA key and certificate, first CRL."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+from mtlsctl import openssl
+from mtlsctl.crl import gencrl_command, generate_crl
+from mtlsctl.errors import InputError
+from mtlsctl.files import (
+    MODE_CA_KEY,
+    MODE_PRIVATE_DIR,
+    MODE_PUBLIC,
+    MODE_PUBLIC_DIR,
+    Transaction,
+    atomic_write,
+    pki_lock,
+)
+from mtlsctl.pki import DIRS, Pki, Settings
+from mtlsctl.profile import dump_profile
+from mtlsctl.runner import Command, Runner
+
+# The guide: `touch index.txt; echo 1000 > serial; echo 1000 > crlnumber`; FIELD-NOTES: unique_subject.
+INITIAL_FILES = {
+    "index.txt": "",
+    "index.txt.attr": "unique_subject = no\n",
+    "serial": "1000\n",
+    "crlnumber": "1000\n",
+}
+
+
+@dataclass(frozen=True)
+class InitResult:
+    pki_dir: Path
+    ca_cert: Path
+    ca_key: Path
+    crl: Path
+    profile: Path
+    key: str
+    days: int
+    subject: str
+
+
+def init_commands(settings: Settings, now: datetime | None = None) -> list[Command]:
+    """The openssl commands `init` runs, in order (what --dry-run prints)."""
+    ca = settings.profile.ca
+    now = now or datetime.now(timezone.utc)
+    return [
+        openssl.genkey(Pki.ca_key, ca.key_spec, label=f"generating the CA key ({ca.key_spec.describe()})"),
+        openssl.ca_selfsign(ca.days),
+        gencrl_command(settings.profile.crl.days, now),
+    ]
+
+
+def _refuse_existing(pki: Pki, config_text: str) -> None:
+    if pki.has_ca():
+        raise InputError(
+            f"a CA already exists in {pki.root}",
+            hint="mtlsctl never overwrites a CA; use another --pki-dir, or remove the old PKI yourself",
+        )
+    # A directory prepared by hand with the guide's first step is fine; anything else is not ours to replace.
+    for rel, content in {**INITIAL_FILES, pki.openssl_cnf: config_text}.items():
+        path = pki.path(rel)
+        if path.exists() and path.read_text(errors="replace").strip() != content.strip():
+            raise InputError(f"{path} already exists with other content", hint="move it away or use another --pki-dir")
+    for rel in (pki.crl, pki.profile):
+        if pki.path(rel).exists():
+            raise InputError(f"{pki.path(rel)} already exists", hint="move it away or use another --pki-dir")
+
+
+def init_pki(settings: Settings, runner: Runner, now: datetime | None = None) -> InitResult:
+    """Create the PKI; on any failure remove everything this run created.
+
+    Raises:
+        InputError: a CA (or other files of a PKI) already exists; nothing is touched.
+        OpenSSLError: an openssl step failed; the directory is as it was before.
+    """
+    pki, profile = settings.pki, settings.profile
+    config_text = openssl.render_openssl_cnf(profile, pki)
+    _refuse_existing(pki, config_text)
+
+    with Transaction() as tx:
+        missing = []
+        for parent in (pki.root, *pki.root.parents):
+            if parent.exists():
+                break
+            missing.append(parent)
+        for parent in reversed(missing):
+            parent.mkdir(mode=MODE_PUBLIC_DIR)
+            os.chmod(parent, MODE_PUBLIC_DIR)
+            tx.created(parent)
+        lock_created = not pki.lock_path.exists()
+        if lock_created:
+            tx.created(pki.lock_path)
+        with pki_lock(pki.lock_path):
+            _refuse_existing(pki, config_text)  # again, now that we hold the lock
+            for rel in DIRS:
+                path = pki.path(rel)
+                mode = MODE_PRIVATE_DIR if rel == "private" else MODE_PUBLIC_DIR
+                if not path.exists():
+                    path.mkdir(mode=mode)
+                    tx.created(path)
+                os.chmod(path, mode)
+            for rel, content in {**INITIAL_FILES, pki.openssl_cnf: config_text}.items():
+                path = pki.path(rel)
+                if not path.exists():
+                    tx.created(path)
+                    atomic_write(path, content, MODE_PUBLIC)
+            keygen, selfsign, _ = init_commands(settings, now)
+            tx.created(pki.path(pki.ca_key))
+            runner.run(keygen, cwd=pki.root)
+            os.chmod(pki.path(pki.ca_key), MODE_CA_KEY)
+            tx.created(pki.path(pki.ca_cert))
+            runner.run(selfsign, cwd=pki.root)
+            os.chmod(pki.path(pki.ca_cert), MODE_PUBLIC)
+            tx.created(pki.path(pki.crl))
+            generate_crl(pki, profile.crl.days, runner, tx, now)
+            tx.created(pki.path(pki.profile))
+            atomic_write(pki.path(pki.profile), dump_profile(profile, pki.root), MODE_PUBLIC)
+            tx.checkpoint()
+
+    subject = ", ".join(f"{k}={v}" for k, v in profile.ca.subject.fields())
+    return InitResult(
+        pki_dir=pki.root,
+        ca_cert=pki.path(pki.ca_cert),
+        ca_key=pki.path(pki.ca_key),
+        crl=pki.path(pki.crl),
+        profile=pki.path(pki.profile),
+        key=profile.ca.key_spec.describe(),
+        days=profile.ca.days,
+        subject=subject,
+    )

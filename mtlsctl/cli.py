@@ -1,0 +1,339 @@
+"""The command line: parse arguments, call one core function, print. No PKI logic lives here.
+
+Human status goes to stderr, data (and --json) to stdout. One error boundary (`main`) turns every
+MtlsError into `error: ...` + `hint: ...` and its exit code; nothing else reaches the user as a
+traceback unless --debug is given.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NoReturn, Optional
+
+import click
+import typer
+
+from mtlsctl import __version__
+from mtlsctl.errors import (
+    EXIT_BAD_INPUT,
+    EXIT_INTERNAL,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    InputError,
+    MtlsError,
+)
+
+app = typer.Typer(
+    name="mtlsctl",
+    help=(
+        "Run the private Certificate Authority behind nginx mutual TLS.\n\n"
+        "mtlsctl lays out the PKI exactly as the guide does (/etc/nginx/pki: ca/ certs/ crl/ private/ "
+        "newcerts/, index.txt, serial, crlnumber, openssl.cnf) and drives the openssl binary for every "
+        "cryptographic step. Add --dry-run to see the exact openssl commands.\n\n"
+        "Exit codes: 0 ok, 1 operation failed (nothing half-done is left), 2 bad input (nothing written), "
+        "3 internal error, 130 interrupted."
+    ),
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    pretty_exceptions_show_locals=False,  # locals can hold passwords
+    rich_markup_mode="rich",
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+)
+
+
+@dataclass
+class GlobalOptions:
+    pki_dir: Optional[Path]
+    profile: Optional[Path]
+    debug: bool
+
+
+_debug = False
+
+
+class TerminalReporter:
+    """Progress on stderr, only when stderr is a terminal (cron logs stay clean)."""
+
+    def __init__(self) -> None:
+        self.enabled = sys.stderr.isatty()
+        self._ticking = False
+
+    def step(self, label: str) -> None:
+        if self.enabled:
+            self._end_tick()
+            print(f"  {label} ...", file=sys.stderr, flush=True)
+
+    def tick(self, label: str, elapsed: float) -> None:
+        if self.enabled:
+            self._ticking = True
+            print(f"\r    still working: {elapsed:.0f}s", end="", file=sys.stderr, flush=True)
+
+    def _end_tick(self) -> None:
+        if self._ticking:
+            print(file=sys.stderr)
+            self._ticking = False
+
+
+def _runner() -> Any:
+    from mtlsctl.runner import Runner
+
+    return Runner(TerminalReporter())
+
+
+def _settings(ctx: typer.Context) -> Any:
+    from mtlsctl.pki import resolve_settings
+
+    opts: GlobalOptions = ctx.find_root().obj
+    return resolve_settings(opts.pki_dir, opts.profile, environ={})
+
+
+def _print_json(data: Any) -> None:
+    print(json.dumps(data, indent=2, default=str))
+
+
+def _info(message: str) -> None:
+    print(message, file=sys.stderr)
+
+
+def _read_password(password_stdin: bool, password_file: Optional[Path]) -> Optional[str]:
+    """The export password from stdin or a file; None means "generate one"."""
+    from mtlsctl import validate
+
+    if password_stdin and password_file is not None:
+        raise InputError("--password-stdin and --password-file are mutually exclusive", hint="give one of them")
+    if password_stdin:
+        if sys.stdin is None or sys.stdin.isatty():
+            raise InputError("--password-stdin needs the password piped on standard input", hint="e.g. printf '%s\\n' \"$PASS\" | mtlsctl ...")
+        return validate.password(validate.strip_one_newline(sys.stdin.read()), source="stdin")
+    if password_file is not None:
+        try:
+            text = password_file.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise InputError(f"cannot read --password-file {password_file}: {exc.strerror if isinstance(exc, OSError) else exc}") from None
+        return validate.password(validate.strip_one_newline(text), source=str(password_file))
+    return None
+
+
+def _print_dry_run(pki_dir: Path, commands: list[Any], notes: list[str] = ()) -> None:  # type: ignore[assignment]
+    _info(f"# dry run: nothing is changed. Commands run in {pki_dir}:")
+    for note in notes:
+        _info(f"# {note}")
+    for cmd in commands:
+        print(cmd.display())
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"mtlsctl {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _global(
+    ctx: typer.Context,
+    pki_dir: Optional[Path] = typer.Option(
+        None, "--pki-dir", envvar="PKI_DIR", metavar="DIR",
+        help="The PKI directory. Order: --pki-dir, $PKI_DIR, the profile's pki_dir, /etc/nginx/pki.",
+    ),
+    profile: Optional[Path] = typer.Option(
+        None, "--profile", envvar="MTLSCTL_PROFILE", metavar="FILE",
+        help="YAML site profile. Order: --profile, $MTLSCTL_PROFILE, <pki-dir>/mtls.yaml, built-in defaults (the guide's).",
+    ),
+    debug: bool = typer.Option(False, "--debug", help="Show a traceback for internal errors."),
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
+) -> None:
+    global _debug
+    _debug = debug
+    ctx.obj = GlobalOptions(pki_dir, profile, debug)
+
+
+P12_HELP = "PKCS#12 profile: compat (works everywhere, default), modern (OpenSSL 3 default), legacy (RC2, old importers only)."
+
+
+@app.command()
+def init(
+    ctx: typer.Context,
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the openssl commands and change nothing."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+) -> None:
+    """Create the CA: the guide's directory and database, openssl.cnf, CA key and certificate, first CRL.
+
+    \b
+    Refuses if a CA already exists in the PKI directory (nothing is touched).
+    The resolved profile is saved as <pki-dir>/mtls.yaml.
+
+    \b
+    Examples:
+      mtlsctl init                                  # /etc/nginx/pki, the guide's values
+      mtlsctl --pki-dir ./pki --profile site.yaml init --dry-run
+    """
+    from mtlsctl import ca
+
+    settings = _settings(ctx)
+    if dry_run:
+        _print_dry_run(
+            settings.pki.root, ca.init_commands(settings),
+            [f"would create {settings.pki.root}/{{ca,certs,crl,private,newcerts}}, index.txt, index.txt.attr, "
+             "serial, crlnumber, openssl.cnf, mtls.yaml", f"profile: {settings.profile_source}"],
+        )
+        ca._refuse_existing(settings.pki, "")  if settings.pki.has_ca() else None
+        return
+    result = ca.init_pki(settings, _runner())
+    if as_json:
+        _print_json({
+            "pki_dir": str(result.pki_dir), "ca_cert": str(result.ca_cert), "ca_key": str(result.ca_key),
+            "crl": str(result.crl), "profile": str(result.profile), "key": result.key, "days": result.days,
+            "subject": result.subject,
+        })
+        return
+    print(f"CA created in {result.pki_dir}")
+    print(f"  subject  {result.subject}")
+    print(f"  key      {result.ca_key} ({result.key}, mode 400)")
+    print(f"  cert     {result.ca_cert} ({result.days} days)")
+    print(f"  CRL      {result.crl}")
+    print(f"  profile  {result.profile}")
+    print("Next: mtlsctl add-client NAME")
+
+
+@app.command("add-client")
+def add_client(
+    ctx: typer.Context,
+    name: str = typer.Argument(..., help="Client name: becomes CN=NAME and the file names (letters, digits, . _ -)."),
+    password_stdin: bool = typer.Option(False, "--password-stdin", help="Read the export password from standard input."),
+    password_file: Optional[Path] = typer.Option(None, "--password-file", metavar="FILE", help="Read the export password from FILE."),
+    days: Optional[int] = typer.Option(None, "--days", metavar="N", help="Validity in days (default: profile clients.days, 365)."),
+    san: list[str] = typer.Option([], "--san", metavar="TYPE:VALUE", help="Subject alternative name (DNS, IP, email, URI); repeatable."),
+    key_type: Optional[str] = typer.Option(None, "--key-type", metavar="rsa|ec", help="Key type (default: profile clients.key)."),
+    p12: Optional[str] = typer.Option(None, "--p12", metavar="PROFILE", help=P12_HELP),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object (with the password when generated)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the openssl commands and change nothing."),
+) -> None:
+    """Issue a client certificate and its PKCS#12 bundle (the guide's mtls-add-client.sh, safely).
+
+    \b
+    Writes private/NAME.key (600), certs/NAME.csr, certs/NAME.crt and certs/NAME.p12 (600).
+    Refuses a name that has an active certificate or any of those files.
+    Without a password option a 24-character password is generated and printed once.
+
+    \b
+    Examples:
+      mtlsctl add-client iphone-jmrp
+      printf '%s\\n' "$PASS" | mtlsctl add-client laptop --password-stdin --san email:me@example.com
+      mtlsctl add-client sensor-7 --key-type ec --days 90 --json
+    """
+    from mtlsctl import client
+
+    if key_type is not None and key_type not in ("rsa", "ec"):
+        raise InputError(f"--key-type {key_type!r} is not a key type", hint="use rsa or ec")
+    settings = _settings(ctx)
+    password = None if dry_run else _read_password(password_stdin, password_file)
+    req = client.build_request(settings, name, days=days, key_type=key_type, p12=p12, sans=san, password=password)
+    if dry_run:
+        settings.pki.require_ca()
+        client._refuse_conflicts(settings.pki, req.name)
+        _print_dry_run(settings.pki.root, client.issue_commands(req))
+        return
+    result = client.issue_client(settings, req, _runner())
+    if as_json:
+        data = {
+            "name": result.name, "serial": result.serial, "not_after": result.not_after.isoformat(),
+            "p12_profile": result.p12_profile, "sans": list(result.sans),
+            "files": {"key": str(result.key), "csr": str(result.csr), "crt": str(result.crt), "p12": str(result.p12)},
+        }
+        if result.password is not None:
+            data["password"] = result.password
+        _print_json(data)
+        return
+    print(f"Issued {result.name}: serial {result.serial}, valid until {result.not_after:%Y-%m-%d %H:%M} UTC")
+    print(f"  key     {result.key}")
+    print(f"  cert    {result.crt}")
+    print(f"  bundle  {result.p12} ({result.p12_profile} PKCS#12)")
+    if result.password is not None:
+        print(f"Export password: {result.password}")
+    print("Transfer the .p12 file securely to the client device.")
+
+
+@app.command()
+def export(
+    ctx: typer.Context,
+    name: str = typer.Argument(..., help="An issued client's name."),
+    password_stdin: bool = typer.Option(False, "--password-stdin", help="Read the export password from standard input."),
+    password_file: Optional[Path] = typer.Option(None, "--password-file", metavar="FILE", help="Read the export password from FILE."),
+    p12: Optional[str] = typer.Option(None, "--p12", metavar="PROFILE", help=P12_HELP),
+    out: Optional[Path] = typer.Option(None, "--out", metavar="FILE", help="Write the bundle here instead of certs/NAME.p12."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing bundle."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object (with the password when generated)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the openssl commands and change nothing."),
+) -> None:
+    """Write a fresh PKCS#12 bundle for an issued client (new password, same key and certificate).
+
+    \b
+    Examples:
+      mtlsctl export iphone-jmrp --force                 # replace certs/iphone-jmrp.p12
+      mtlsctl export iphone-jmrp --p12 modern --out /tmp/iphone.p12 --password-file pw.txt
+    """
+    from mtlsctl import client, validate
+
+    settings = _settings(ctx)
+    validate.client_name(name)
+    if dry_run:
+        settings.pki.require_ca()
+        target = out.absolute() if out else settings.pki.path(f"certs/{name}.p12")
+        rel = os.path.relpath(target.parent / f".{target.name}.tmp", settings.pki.root)
+        _print_dry_run(settings.pki.root, client.export_commands(name, rel, p12 or settings.profile.clients.p12),
+                       [f"then rename to {target}"])
+        return
+    password = _read_password(password_stdin, password_file)
+    result = client.export_client(settings, name, p12=p12, password=password, out=out, force=force, runner=_runner())
+    if as_json:
+        data = {"name": result.name, "serial": result.serial, "p12": str(result.p12), "p12_profile": result.p12_profile}
+        if result.password is not None:
+            data["password"] = result.password
+        _print_json(data)
+        return
+    print(f"Exported {result.name} (serial {result.serial}) to {result.p12} ({result.p12_profile} PKCS#12)")
+    if result.password is not None:
+        print(f"Export password: {result.password}")
+
+
+def _on_sigterm(signum: int, frame: object) -> NoReturn:
+    raise KeyboardInterrupt
+
+
+def main(argv: Optional[list[str]] = None) -> NoReturn:
+    """Console entry point: the one error boundary."""
+    from mtlsctl.files import set_private_umask
+
+    set_private_umask()
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    code = EXIT_OK
+    try:
+        rv = app(args=argv, prog_name="mtlsctl", standalone_mode=False)
+        code = rv if isinstance(rv, int) else EXIT_OK
+    except MtlsError as exc:
+        for line in exc.lines():
+            print(line, file=sys.stderr)
+        code = exc.exit_code
+    except click.exceptions.Abort:
+        print("interrupted", file=sys.stderr)
+        code = EXIT_INTERRUPTED
+    except click.ClickException as exc:
+        exc.show(file=sys.stderr)
+        code = EXIT_BAD_INPUT if exc.exit_code == 2 else exc.exit_code
+    except KeyboardInterrupt:
+        print("interrupted; what this run wrote was rolled back", file=sys.stderr)
+        code = EXIT_INTERRUPTED
+    except Exception as exc:  # noqa: BLE001 - the boundary: a bug must not print a traceback holding secrets
+        if _debug or os.environ.get("MTLSCTL_DEBUG"):
+            raise
+        print(f"internal error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        print("hint: this is a bug in mtlsctl; run again with --debug and report the traceback", file=sys.stderr)
+        code = EXIT_INTERNAL
+    sys.stdout.flush()
+    sys.exit(code)

@@ -1,0 +1,238 @@
+"""`add-client` and `export`: the guide's mtls-add-client.sh, done safely.
+
+Order of work (the guide's four commands): key, CSR, signature by the CA, PKCS#12 bundle.
+Everything is checked before the first write; a failure removes what this run created; once the
+certificate is in the database it stays (and the error says so and points at `export`).
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+from mtlsctl import db, openssl, validate
+from mtlsctl.errors import InputError, MtlsError, StateError
+from mtlsctl.files import MODE_PUBLIC, MODE_SECRET, Transaction, normalize_modes, pki_lock
+from mtlsctl.pki import DB_FILES_WITH_BACKUPS, ClientFiles, Pki, Settings
+from mtlsctl.profile import KeySpec
+from mtlsctl.runner import Command, Runner
+
+
+def generate_password() -> str:
+    """24 URL-safe characters from `secrets` (FIELD-NOTES: at least 20)."""
+    return secrets.token_urlsafe(18)
+
+
+@dataclass(frozen=True)
+class IssueRequest:
+    name: str
+    days: int
+    key: KeySpec
+    p12: str
+    sans: tuple[str, ...] = ()
+    password: str | None = field(default=None, repr=False)  # None: generate one
+
+
+@dataclass(frozen=True)
+class IssueResult:
+    name: str
+    serial: str
+    not_after: datetime
+    key: Path
+    csr: Path
+    crt: Path
+    p12: Path
+    p12_profile: str
+    password: str | None = field(repr=False)  # only when generated
+    sans: tuple[str, ...] = ()
+
+
+class IssuedButExportFailed(MtlsError):
+    """The certificate is issued and in the database; only the PKCS#12 bundle is missing."""
+
+
+def build_request(settings: Settings, name: str, *, days: int | None = None, key_type: str | None = None,
+                  p12: str | None = None, sans: tuple[str, ...] | list[str] = (), password: str | None = None) -> IssueRequest:
+    """Validate user input against the profile's defaults (raises InputError, writes nothing)."""
+    clients = settings.profile.clients
+    key = clients.key_spec
+    if key_type is not None and key_type != key.type:
+        key = KeySpec(type=key_type).resolved(2048, "P-256")  # type: ignore[arg-type]
+    if p12 is not None and p12 not in openssl.P12_FLAGS:
+        raise InputError(f"--p12 {p12!r} is not a PKCS#12 profile", hint="use compat, modern or legacy")
+    if password is not None:
+        validate.password(password, source="the password option")
+    return IssueRequest(
+        name=validate.client_name(name),
+        days=validate.days(days if days is not None else clients.days),
+        key=key,
+        p12=p12 or clients.p12,
+        sans=tuple(validate.sans(list(sans))),
+        password=password,
+    )
+
+
+def issue_commands(req: IssueRequest) -> list[Command]:
+    """The openssl commands add-client runs, in order (what --dry-run prints)."""
+    files = ClientFiles(req.name)
+    return [
+        openssl.genkey(files.key, req.key),
+        openssl.client_csr(files.key, files.csr, req.name, req.sans),
+        openssl.ca_sign(files.csr, files.crt, req.days),
+        openssl.pkcs12_export(req.name, files.key, files.crt, files.p12, req.password, req.p12),
+        openssl.pkcs12_check(files.p12, req.password, req.p12),
+    ]
+
+
+def _refuse_conflicts(pki: Pki, name: str) -> None:
+    rows = db.read_index(pki.path(pki.index))
+    active = [r for r in rows if r.cn == name and r.is_active()]
+    if active:
+        serials = ", ".join(r.serial for r in active)
+        raise InputError(
+            f"{name!r} already has an active certificate (serial {serials})",
+            hint=f"revoke it first, or renew it; to make a new bundle use `mtlsctl export {name}`",
+        )
+    existing = [rel for rel in ClientFiles(name).all() if pki.path(rel).exists()]
+    if existing:
+        raise InputError(
+            f"files for {name!r} already exist: {', '.join(existing)}",
+            hint="mtlsctl never overwrites a key or certificate; pick another name or move the files away",
+        )
+
+
+def sign_into_database(pki: Pki, cmd: Command, name: str, crt: str, runner: Runner, tx: Transaction) -> db.IndexRow:
+    """Run one `openssl ca` signing, then prove the certificate is in index.txt.
+
+    FIELD-NOTES: exit code 0 alone proves nothing (without a lock, parallel runs lost rows). The new
+    serial must be in index.txt as V with CN=name, and newcerts/SERIAL.pem must be the file we got.
+    The database files are snapshotted first and restored if anything fails.
+    """
+    for rel in DB_FILES_WITH_BACKUPS:
+        tx.snapshot(pki.path(rel))
+    serial = db.read_serial(pki.path(pki.serial))
+    tx.may_create(pki.path(f"newcerts/{serial}.pem"))
+    tx.may_create(pki.path(crt))
+    runner.run(cmd, cwd=pki.root)
+    normalize_modes(pki.root, DB_FILES_WITH_BACKUPS)
+    normalize_modes(pki.root, (f"newcerts/{serial}.pem",))
+    rows = [r for r in db.read_index(pki.path(pki.index)) if r.serial == serial]
+    if len(rows) != 1 or rows[0].status != "V" or rows[0].cn != name:
+        raise StateError(
+            f"openssl ca exited 0 but serial {serial} for {name} is not (uniquely) in index.txt",
+            hint="the database was restored; run the command again",
+        )
+    if not db.same_certificate(pki.path(crt), pki.path(f"newcerts/{serial}.pem")):
+        raise StateError(f"{crt} does not match newcerts/{serial}.pem", hint="the database was restored; run the command again")
+    os.chmod(pki.path(crt), MODE_PUBLIC)
+    return rows[0]
+
+
+def write_p12(pki: Pki, name: str, out: str, password: str, profile: str, runner: Runner, tx: Transaction) -> None:
+    """Export the bundle (mode 600), then read it back with the password."""
+    files = ClientFiles(name)
+    tx.may_create(pki.path(out))
+    runner.run(openssl.pkcs12_export(name, files.key, files.crt, out, password, profile), cwd=pki.root)
+    os.chmod(pki.path(out), MODE_SECRET)
+    runner.run(openssl.pkcs12_check(out, password, profile), cwd=pki.root)
+
+
+def issue_client(settings: Settings, req: IssueRequest, runner: Runner) -> IssueResult:
+    """Issue a client certificate and its PKCS#12 bundle (the guide's four commands).
+
+    Raises:
+        InputError: the name has an active certificate or files already; nothing written.
+        OpenSSLError/StateError: a step failed before issuance; what this run wrote is removed.
+        IssuedButExportFailed: the certificate exists; only the bundle failed (run `export`).
+    """
+    pki = settings.pki
+    pki.require_ca()
+    _refuse_conflicts(pki, req.name)
+    password = req.password if req.password is not None else generate_password()
+    files = ClientFiles(req.name)
+    keygen, csr, sign, _, _ = issue_commands(req)
+    with pki_lock(pki.lock_path), Transaction() as tx:
+        _refuse_conflicts(pki, req.name)  # again, under the lock
+        tx.may_create(pki.path(files.key))
+        runner.run(keygen, cwd=pki.root)
+        os.chmod(pki.path(files.key), MODE_SECRET)
+        tx.may_create(pki.path(files.csr))
+        runner.run(csr, cwd=pki.root)
+        os.chmod(pki.path(files.csr), MODE_PUBLIC)
+        row = sign_into_database(pki, sign, req.name, files.crt, runner, tx)
+        tx.checkpoint()  # issued: the key, CSR, certificate and database change stay
+        try:
+            write_p12(pki, req.name, files.p12, password, req.p12, runner, tx)
+        except MtlsError as exc:
+            raise IssuedButExportFailed(
+                f"certificate for {req.name} issued (serial {row.serial}), but the PKCS#12 export failed: {exc.message}",
+                hint=f"fix the cause, then run `mtlsctl export {req.name}`",
+            ) from exc
+    return IssueResult(
+        name=req.name, serial=row.serial, not_after=row.expires,
+        key=pki.path(files.key), csr=pki.path(files.csr), crt=pki.path(files.crt), p12=pki.path(files.p12),
+        p12_profile=req.p12, password=None if req.password is not None else password, sans=req.sans,
+    )
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    name: str
+    serial: str
+    p12: Path
+    p12_profile: str
+    password: str | None = field(repr=False)  # only when generated
+
+
+def export_commands(name: str, out: str, profile: str) -> list[Command]:
+    files = ClientFiles(name)
+    return [
+        openssl.pkcs12_export(name, files.key, files.crt, out, "", profile),
+        openssl.pkcs12_check(out, "", profile),
+    ]
+
+
+def current_row(pki: Pki, name: str) -> db.IndexRow:
+    """The database row of certs/NAME.crt, matched by content against newcerts/SERIAL.pem."""
+    files = ClientFiles(name)
+    crt = pki.path(files.crt)
+    if not crt.exists():
+        raise InputError(f"no certificate for {name!r} ({files.crt} missing)", hint="see `mtlsctl list`, or issue one with add-client")
+    for row in reversed(db.read_index(pki.path(pki.index))):
+        if row.cn == name and db.same_certificate(crt, pki.path(f"newcerts/{row.serial}.pem")):
+            return row
+    raise StateError(f"{files.crt} is not in this CA's database", hint="it was not issued by this PKI")
+
+
+def export_client(settings: Settings, name: str, *, p12: str | None, password: str | None,
+                  out: Path | None, force: bool, runner: Runner) -> ExportResult:
+    """Write a fresh PKCS#12 bundle for an issued, active client (atomically; old bundle kept unless --force)."""
+    pki = settings.pki
+    validate.client_name(name)
+    profile = p12 or settings.profile.clients.p12
+    if profile not in openssl.P12_FLAGS:
+        raise InputError(f"--p12 {profile!r} is not a PKCS#12 profile", hint="use compat, modern or legacy")
+    if password is not None:
+        validate.password(password, source="the password option")
+    pki.require_ca()
+    files = ClientFiles(name)
+    target = (out if out is not None else pki.path(files.p12)).absolute()
+    if target.exists() and not force:
+        raise InputError(f"{target} already exists", hint="add --force to replace it, or --out to write elsewhere")
+    if not pki.path(files.key).exists():
+        raise InputError(f"no private key for {name!r} ({files.key} missing)", hint="a bundle needs the key; a CSR signed elsewhere has none here")
+    secret = password if password is not None else generate_password()
+    with pki_lock(pki.lock_path), Transaction() as tx:
+        row = current_row(pki, name)
+        if not row.is_active():
+            state = "revoked" if row.status == "R" else "expired"
+            raise InputError(f"the certificate of {name!r} (serial {row.serial}) is {state}", hint=f"issue a new one: mtlsctl add-client {name}")
+        tmp = target.parent / f".{target.name}.tmp"
+        tmp_rel = os.path.relpath(tmp, pki.root)
+        write_p12(pki, name, tmp_rel, secret, profile, runner, tx)
+        tx.snapshot(target)
+        os.replace(tmp, target)
+    return ExportResult(name, row.serial, target, profile, None if password is not None else secret)

@@ -1,0 +1,108 @@
+"""The guide's openssl commands, built as argv lists to run in the PKI directory.
+
+Every builder returns a runner.Command whose argv is what a person would type in the PKI directory
+(relative paths, as in the guide), so `--dry-run` can print it and the tests can pin it.
+Passwords are never on argv: they travel on stdin (`-passout stdin` / `-passin stdin`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from mtlsctl.pki import Pki
+from mtlsctl.profile import KeySpec, Profile
+from mtlsctl.runner import Command
+from mtlsctl.templates import render_file
+
+CNF = "openssl.cnf"
+
+# PKCS#12 profiles (FIELD-NOTES: PKCS#12).
+P12_FLAGS: dict[str, tuple[str, ...]] = {
+    # read by curl, NSS, Python and the older macOS/iOS/Android/Windows importers, no legacy provider
+    "compat": ("-keypbe", "PBE-SHA1-3DES", "-certpbe", "PBE-SHA1-3DES", "-macalg", "sha1"),
+    # OpenSSL 3's default (PBES2/AES-256/SHA-256): the guide's exact command
+    "modern": (),
+    # RC2-40: only for very old importers; OpenSSL 3 clients (curl) cannot read it
+    "legacy": ("-legacy",),
+}
+
+
+def render_openssl_cnf(profile: Profile, pki: Pki) -> str:
+    """openssl.cnf for this PKI, from openssl.cnf.template and the profile."""
+    ca = profile.ca
+    subject = "\n".join(f"{attr:<19} = {value}" for attr, value in ca.subject.fields())
+    return render_file(
+        "openssl.cnf.template",
+        {
+            "pki_dir": str(pki.root),
+            "client_days": str(profile.clients.days),
+            "crl_days": str(profile.crl.days),
+            "digest": ca.digest,
+            "ca_bits": str(ca.key_spec.bits or 4096),
+            "ca_subject": subject,
+        },
+    )
+
+
+def genkey(out: str, key: KeySpec, label: str = "") -> Command:
+    """`openssl genrsa -out KEY BITS` (the guide) or `openssl genpkey` for an EC key."""
+    if key.type == "rsa":
+        argv: tuple[str, ...] = ("openssl", "genrsa", "-out", out, str(key.bits))
+    else:
+        argv = ("openssl", "genpkey", "-algorithm", "EC", "-pkeyopt", f"ec_paramgen_curve:{key.curve}", "-out", out)
+    slow = key.type == "rsa" and (key.bits or 0) >= 4096
+    return Command(argv, label=label or f"generating {key.describe()} key {out}", slow=slow)
+
+
+def ca_selfsign(days: int) -> Command:
+    """The guide's CA certificate: `openssl req -new -x509 ... -extensions v3_ca`."""
+    return Command(
+        ("openssl", "req", "-new", "-x509", "-days", str(days), "-key", Pki.ca_key, "-out", Pki.ca_cert,
+         "-config", CNF, "-extensions", "v3_ca"),
+        label=f"self-signing the CA certificate {Pki.ca_cert} ({days} days)",
+    )
+
+
+def client_csr(key: str, csr: str, name: str, sans: Sequence[str] = ()) -> Command:
+    """The guide's CSR (`openssl req -new -key ... -out ... -subj /CN=NAME`), with -config explicit.
+
+    SANs go in with -addext; `copy_extensions = copy` carries them into the certificate.
+    """
+    argv: tuple[str, ...] = ("openssl", "req", "-new", "-key", key, "-out", csr, "-subj", f"/CN={name}", "-config", CNF)
+    if sans:
+        argv += ("-addext", "subjectAltName=" + ",".join(sans))
+    return Command(argv, label=f"creating the CSR {csr}")
+
+
+def ca_sign(csr: str, crt: str, days: int, extensions: str = "v3_client") -> Command:
+    """The guide's signing: `openssl ca -config openssl.cnf -extensions v3_client -days N -batch ...`."""
+    return Command(
+        ("openssl", "ca", "-config", CNF, "-extensions", extensions, "-days", str(days), "-batch",
+         "-in", csr, "-out", crt),
+        label=f"signing {crt} with the CA ({days} days)",
+    )
+
+
+def pkcs12_export(name: str, key: str, crt: str, out: str, password: str | None, profile: str) -> Command:
+    """The guide's bundle: `openssl pkcs12 -export ... -certfile ca/ca.crt -name NAME -passout stdin`."""
+    return Command(
+        ("openssl", "pkcs12", "-export", "-out", out, "-inkey", key, "-in", crt, "-certfile", Pki.ca_cert,
+         "-name", name, "-passout", "stdin", *P12_FLAGS[profile]),
+        label=f"exporting {out} ({profile} PKCS#12)",
+        secret=password if password is not None else "",
+    )
+
+
+def pkcs12_check(p12: str, password: str | None, profile: str) -> Command:
+    """Read a bundle back with its password (MAC and decryption), so a bad bundle never ships."""
+    legacy = ("-legacy",) if profile == "legacy" else ()
+    return Command(
+        ("openssl", "pkcs12", "-in", p12, "-noout", "-passin", "stdin", *legacy),
+        label=f"checking {p12} opens with its password",
+        secret=password if password is not None else "",
+    )
+
+
+def gencrl(out: str = Pki.crl) -> Command:
+    """The guide's CRL: `openssl ca -config openssl.cnf -gencrl -out crl/ca.crl`."""
+    return Command(("openssl", "ca", "-config", CNF, "-gencrl", "-out", out), label=f"generating the CRL {out}")

@@ -1,0 +1,133 @@
+"""Where things live: the guide's PKI layout, and how --pki-dir / --profile are resolved."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from mtlsctl import validate
+from mtlsctl.errors import InputError
+
+if TYPE_CHECKING:
+    from mtlsctl.profile import Profile
+
+PROFILE_NAME = "mtls.yaml"
+LOCK_NAME = ".mtlsctl.lock"
+DIRS = ("ca", "certs", "crl", "private", "newcerts")
+# The openssl ca database: copied aside before each `openssl ca` run and restored if it fails.
+DB_FILES = ("index.txt", "index.txt.attr", "serial", "crlnumber")
+DB_FILES_WITH_BACKUPS = DB_FILES + tuple(f + ".old" for f in DB_FILES)
+
+
+@dataclass(frozen=True)
+class ClientFiles:
+    """A client's files, relative to the PKI directory, exactly where the guide puts them."""
+
+    name: str
+
+    @property
+    def key(self) -> str:
+        return f"private/{self.name}.key"
+
+    @property
+    def csr(self) -> str:
+        return f"certs/{self.name}.csr"
+
+    @property
+    def crt(self) -> str:
+        return f"certs/{self.name}.crt"
+
+    @property
+    def p12(self) -> str:
+        return f"certs/{self.name}.p12"
+
+    def all(self) -> tuple[str, str, str, str]:
+        return (self.key, self.csr, self.crt, self.p12)
+
+
+@dataclass(frozen=True)
+class Pki:
+    """The PKI directory (`/etc/nginx/pki` in the guide) and the guide's relative paths in it."""
+
+    root: Path
+
+    openssl_cnf = "openssl.cnf"
+    index = "index.txt"
+    index_attr = "index.txt.attr"
+    serial = "serial"
+    crlnumber = "crlnumber"
+    ca_cert = "ca/ca.crt"
+    ca_key = "private/ca.key"
+    crl = "crl/ca.crl"
+    profile = PROFILE_NAME
+
+    def path(self, rel: str) -> Path:
+        return self.root / rel
+
+    @property
+    def lock_path(self) -> Path:
+        return self.root / LOCK_NAME
+
+    def client(self, name: str) -> ClientFiles:
+        return ClientFiles(name)
+
+    def has_ca(self) -> bool:
+        return self.path(self.ca_cert).exists() or self.path(self.ca_key).exists()
+
+    def require_ca(self) -> None:
+        """Refuse to work on a directory that holds no CA (wrong --pki-dir, or init not run)."""
+        missing = [rel for rel in (self.ca_cert, self.ca_key, self.openssl_cnf, self.index, self.serial)
+                   if not self.path(rel).exists()]
+        if missing:
+            raise InputError(
+                f"no CA in {self.root} ({', '.join(missing)} missing)",
+                hint="run `mtlsctl init` first, or point --pki-dir / PKI_DIR at your PKI",
+            )
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What every command works on: the PKI directory and the validated profile."""
+
+    pki: Pki
+    profile: Profile
+    profile_source: str  # a path, or "built-in defaults"
+
+
+def resolve_settings(
+    pki_dir: Path | None, profile_path: Path | None, environ: Mapping[str, str] | None = None
+) -> Settings:
+    """Resolve the PKI directory and profile.
+
+    PKI directory: --pki-dir > PKI_DIR > the profile's pki_dir > /etc/nginx/pki.
+    Profile: --profile > MTLSCTL_PROFILE > <pki-dir>/mtls.yaml > built-in defaults (the guide's values).
+    (Typer already folds the environment variables into the options; `environ` is for library callers.)
+    """
+    from mtlsctl.profile import DEFAULT_PKI_DIR, Profile, load_profile
+
+    env = os.environ if environ is None else environ
+    if pki_dir is None and env.get("PKI_DIR"):
+        pki_dir = Path(env["PKI_DIR"])
+    if profile_path is None and env.get("MTLSCTL_PROFILE"):
+        profile_path = Path(env["MTLSCTL_PROFILE"])
+
+    profile: Profile | None = None
+    source = "built-in defaults"
+    if profile_path is not None:
+        profile = load_profile(profile_path)
+        source = str(profile_path)
+        if pki_dir is None and profile.pki_dir:
+            given = Path(profile.pki_dir).expanduser()
+            pki_dir = given if given.is_absolute() else profile_path.parent / given
+    root = validate.pki_dir(pki_dir if pki_dir is not None else Path(DEFAULT_PKI_DIR))
+    if profile is None:
+        candidate = root / PROFILE_NAME
+        if candidate.exists():
+            profile = load_profile(candidate)
+            source = str(candidate)
+        else:
+            profile = Profile()
+    return Settings(Pki(root), profile, source)

@@ -1,0 +1,185 @@
+"""The one place mtlsctl runs other programs (openssl, nginx, the reload command).
+
+Rules kept here, so no caller can forget them:
+- argv lists only, never a shell;
+- the child's stdin is always a pipe: a secret (an export password) travels on it, and openssl can
+  never stop to prompt on the user's terminal;
+- the child environment is scrubbed of OPENSSL_* and SSL_CERT_* so a stray OPENSSL_CONF cannot
+  change what `-config openssl.cnf` means; LC_ALL=C so messages are parseable;
+- a failure becomes an OpenSSLError / ExternalCommandError carrying the command line (which never
+  holds a secret), the exit code and a one-line summary of stderr.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import subprocess
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from mtlsctl.errors import ExternalCommandError, OpenSSLError, StateError
+
+# Lines openssl prints on success that say nothing about a failure.
+_NOISE_PREFIXES = (
+    "Using configuration from",
+    "Check that the request matches the signature",
+    "Signature ok",
+    "The Subject's Distinguished Name is as follows",
+    "commonName",
+    "Certificate is to be certified until",
+    "Write out database with",
+    "Database updated",
+    "Enter pass phrase",
+    "Enter Export Password",
+    "Verifying - Enter Export Password",
+)
+
+
+@dataclass(frozen=True)
+class Command:
+    """One external command, as a person would type it in the PKI directory.
+
+    `secret` is written to the child's stdin (openssl reads it with `-passout stdin` /
+    `-passin stdin`); it is never part of `argv` and never displayed.
+    """
+
+    argv: tuple[str, ...]
+    label: str = ""
+    secret: str | None = field(default=None, repr=False)
+    slow: bool = False
+
+    def display(self) -> str:
+        """The command line, shell-quoted; says where the password goes instead of showing it."""
+        line = shlex.join(self.argv)
+        return line + "   # password on stdin" if self.secret is not None else line
+
+
+@dataclass(frozen=True)
+class Result:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+class Reporter(Protocol):
+    """Receives progress: the CLI prints it on a terminal; the core never prints."""
+
+    def step(self, label: str) -> None: ...
+
+    def tick(self, label: str, elapsed: float) -> None: ...
+
+
+class SilentReporter:
+    def step(self, label: str) -> None:
+        pass
+
+    def tick(self, label: str, elapsed: float) -> None:
+        pass
+
+
+def child_env() -> dict[str, str]:
+    """The environment for every child: ours, less anything that redirects openssl's config or trust."""
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not (k.startswith("OPENSSL_") or k.startswith("SSL_CERT_"))
+    }
+    env.setdefault("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
+    env["LC_ALL"] = "C"
+    return env
+
+
+def summarize_stderr(stderr: str) -> str:
+    """Turn openssl's stderr into one line: the reasons of its error stack, else its last words.
+
+    OpenSSL 3 error lines look like
+    `40A7...:error:0480006C:PEM routines:PEM_read_bio_ex:no start line:../pem_lib.c:763:Expecting: ...`;
+    the library, reason and extra data are what a person needs.
+    """
+    reasons: list[str] = []
+    plain: list[str] = []
+    for raw in stderr.splitlines():
+        line = raw.strip()
+        if not line or line.startswith(_NOISE_PREFIXES):
+            continue
+        parts = line.split(":")
+        if len(parts) >= 6 and parts[1] == "error":
+            reason = parts[5].strip()
+            extra = ":".join(parts[8:]).strip() if len(parts) > 8 else ""
+            text = f"{reason} ({extra})" if extra else reason
+            if text not in reasons:
+                reasons.append(text)
+        else:
+            plain.append(line)
+    if plain:
+        # openssl's own sentence ("Already revoked", "unable to load ...") reads best; add the
+        # first reason from the error stack when there is one.
+        text = "; ".join(plain[-2:])
+        return f"{text}: {reasons[0]}" if reasons else text
+    if reasons:
+        return "; ".join(reasons[:3])
+    return "no message on stderr"
+
+
+class Runner:
+    """Runs Commands with a scrubbed environment in a working directory; raises on failure."""
+
+    def __init__(self, reporter: Reporter | None = None) -> None:
+        self.reporter: Reporter = reporter or SilentReporter()
+
+    def run(self, cmd: Command, cwd: Path | None = None, check: bool = True) -> Result:
+        if cmd.label:
+            self.reporter.step(cmd.label)
+        stdin_text = "" if cmd.secret is None else cmd.secret + "\n"
+        done = threading.Event()
+        ticker = None
+        if cmd.slow:
+            ticker = threading.Thread(target=self._tick, args=(cmd.label, done), daemon=True)
+            ticker.start()
+        try:
+            proc = subprocess.run(
+                list(cmd.argv),
+                cwd=str(cwd) if cwd is not None else None,
+                input=stdin_text,
+                capture_output=True,
+                text=True,
+                env=child_env(),
+                check=False,
+            )
+        except FileNotFoundError as exc:
+            raise StateError(
+                f"{cmd.argv[0]} was not found on PATH",
+                hint=f"install it (Debian: apt-get install {cmd.argv[0]}) or fix PATH",
+            ) from exc
+        finally:
+            done.set()
+            if ticker is not None:
+                ticker.join()
+        result = Result(proc.returncode, proc.stdout or "", proc.stderr or "")
+        if check and result.returncode != 0:
+            raise self.failure(cmd, result)
+        return result
+
+    @staticmethod
+    def failure(cmd: Command, result: Result) -> Exception:
+        summary = summarize_stderr(result.stderr or result.stdout)
+        if cmd.argv and cmd.argv[0] == "openssl":
+            return OpenSSLError(shlex.join(cmd.argv), result.returncode, summary, result.stderr)
+        return ExternalCommandError(
+            f"`{shlex.join(cmd.argv)}` failed (exit {result.returncode}): {summary}"
+        )
+
+    def _tick(self, label: str, done: threading.Event) -> None:
+        start = time.monotonic()
+        while not done.wait(1.0):
+            self.reporter.tick(label, time.monotonic() - start)
+
+
+def run_argv(argv: Sequence[str], cwd: Path | None = None, check: bool = True) -> Result:
+    """Run a non-secret command (nginx -t, a reload command) without a shell."""
+    return Runner().run(Command(tuple(argv)), cwd=cwd, check=check)
