@@ -323,8 +323,14 @@ def main(argv: Optional[list[str]] = None) -> NoReturn:
     except click.exceptions.Abort:
         print("interrupted", file=sys.stderr)
         code = EXIT_INTERRUPTED
+    except click.UsageError as exc:
+        # click's multi-line usage block becomes our one-line error + hint
+        where = exc.ctx.command_path if exc.ctx is not None else "mtlsctl"
+        print(f"error: {exc.format_message()}", file=sys.stderr)
+        print(f"hint: run `{where} --help`", file=sys.stderr)
+        code = EXIT_BAD_INPUT
     except click.ClickException as exc:
-        exc.show(file=sys.stderr)
+        print(f"error: {exc.format_message()}", file=sys.stderr)
         code = EXIT_BAD_INPUT if exc.exit_code == 2 else exc.exit_code
     except KeyboardInterrupt:
         print("interrupted; what this run wrote was rolled back", file=sys.stderr)

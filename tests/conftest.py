@@ -1,0 +1,107 @@
+"""Shared fixtures: a CLI runner, fast EC PKIs built once per session, and openssl helpers.
+
+Integration tests use P-256 keys (fast) except where a test checks the guide's defaults.
+Results are checked with openssl itself, never by re-reading mtlsctl's own output.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from mtlsctl import cli
+
+FAST_PROFILE = """\
+ca:
+  subject: {CN: Test Root CA, O: mtlsctl tests}
+  key: {type: ec, curve: P-256}
+  days: 365
+clients:
+  key: {type: ec, curve: P-256}
+"""
+
+
+@dataclass
+class CliResult:
+    code: int
+    out: str
+    err: str
+
+
+def run_cli(args: list[str], stdin: str | None = None, monkeypatch: pytest.MonkeyPatch | None = None) -> CliResult:
+    """Run mtlsctl's main() in-process, as the console script would, and capture everything."""
+    old_in, old_out, old_err = sys.stdin, sys.stdout, sys.stderr
+    sys.stdin = io.StringIO(stdin) if stdin is not None else io.StringIO("")
+    out, err = io.StringIO(), io.StringIO()
+    sys.stdout, sys.stderr = out, err
+    old_umask = os.umask(0o022)
+    try:
+        try:
+            cli.main(args)
+            code = 0
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else 1
+    finally:
+        sys.stdin, sys.stdout, sys.stderr = old_in, old_out, old_err
+        os.umask(old_umask)
+    return CliResult(code, out.getvalue(), err.getvalue())
+
+
+@pytest.fixture
+def mtls():
+    """Call the CLI: mtls(["--pki-dir", d, "init"], stdin=...) -> CliResult."""
+    return run_cli
+
+
+def openssl(*args: str, input: str | None = None, cwd: Path | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OPENSSL_")}
+    return subprocess.run(["openssl", *args], input=input, capture_output=True, text=True, cwd=cwd, env=env, check=check)
+
+
+def x509_text(path: Path) -> str:
+    return openssl("x509", "-in", str(path), "-noout", "-text").stdout
+
+
+def tree(root: Path) -> dict[str, tuple[int, bytes]]:
+    """Every file under root with its mode and content (to prove nothing changed)."""
+    out = {}
+    for path in sorted(root.rglob("*")):
+        rel = str(path.relative_to(root))
+        if path.is_dir():
+            out[rel + "/"] = (path.stat().st_mode & 0o7777, b"")
+        else:
+            out[rel] = (path.stat().st_mode & 0o7777, path.read_bytes())
+    return out
+
+
+@pytest.fixture(scope="session")
+def _fast_ca_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    base = tmp_path_factory.mktemp("template")
+    profile = base / "profile.yaml"
+    profile.write_text(FAST_PROFILE)
+    pki = base / "pki"
+    res = run_cli(["--pki-dir", str(pki), "--profile", str(profile), "init"])
+    assert res.code == 0, res.err
+    return pki
+
+
+def _copy_pki(template: Path, dest: Path) -> Path:
+    shutil.copytree(template, dest, symlinks=True)
+    # openssl.cnf and mtls.yaml name the directory: re-point them at the copy.
+    for name in ("openssl.cnf", "mtls.yaml"):
+        path = dest / name
+        path.write_text(path.read_text().replace(str(template), str(dest)))
+    return dest
+
+
+@pytest.fixture
+def fast_pki(tmp_path: Path, _fast_ca_template: Path) -> Path:
+    """A fresh PKI with a P-256 CA (a copy of one made once per session by `mtlsctl init`)."""
+    return _copy_pki(_fast_ca_template, tmp_path / "pki")

@@ -1,0 +1,141 @@
+"""Bad input is refused before anything is written: exit 2, a one-line message, no traceback."""
+
+from __future__ import annotations
+
+import pytest
+
+from .conftest import tree
+
+BAD_NAMES = ["", "../etc/passwd", "a/b", ".hidden", "a..b", "-rf", "x" * 65, "sp ace", "semi;colon", "ca", "naïve",
+             "new\nline", "$(id)"]
+
+
+def _assert_refused(res, *needles: str) -> None:
+    assert res.code == 2, (res.code, res.out, res.err)
+    assert "Traceback" not in res.err
+    assert res.err.startswith("error: ")
+    for needle in needles:
+        assert needle in res.err, res.err
+
+
+@pytest.mark.parametrize("name", BAD_NAMES)
+def test_bad_client_names(fast_pki, mtls, name):
+    before = tree(fast_pki)
+    res = mtls(["--pki-dir", str(fast_pki), "add-client", name])
+    _assert_refused(res)
+    assert len(res.err.strip().splitlines()) <= 2  # the message, and at most a hint
+    assert tree(fast_pki) == before
+
+
+@pytest.mark.parametrize("san,needle", [
+    ("DNS:a,IP:1.2.3.4", "forbidden character"),
+    ("DNS:-bad-.example", "not a valid DNS name"),
+    ("IP:300.1.1.1", "not a valid IP address"),
+    ("email:nope", "not a valid e-mail"),
+    ("URI:no scheme", "forbidden character"),
+    ("otherName:1.2.3;UTF8:x", "not TYPE:VALUE"),
+    ("DNS", "not TYPE:VALUE"),
+    ("DNS:a\"b", "forbidden character"),
+])
+def test_bad_sans(fast_pki, mtls, san, needle):
+    before = tree(fast_pki)
+    _assert_refused(mtls(["--pki-dir", str(fast_pki), "add-client", "ok-name", "--san", san]), needle)
+    assert tree(fast_pki) == before
+
+
+@pytest.mark.parametrize("days", ["0", "-5", "3651", "abc", "1.5"])
+def test_bad_days(fast_pki, mtls, days):
+    before = tree(fast_pki)
+    res = mtls(["--pki-dir", str(fast_pki), "add-client", "ok-name", "--days", days])
+    assert res.code == 2 and "Traceback" not in res.err
+    assert tree(fast_pki) == before
+
+
+@pytest.mark.parametrize("stdin,needle", [
+    ("", "is empty"),
+    ("\n", "is empty"),
+    ("two\nlines\n", "line break"),
+    ("crlf\r\n", "carriage return"),
+    ("x" * 1024, "longer than 1023"),
+])
+def test_bad_passwords(fast_pki, mtls, stdin, needle):
+    before = tree(fast_pki)
+    _assert_refused(mtls(["--pki-dir", str(fast_pki), "add-client", "ok-name", "--password-stdin"], stdin=stdin), needle)
+    assert tree(fast_pki) == before
+
+
+def test_password_file_and_stdin_together_and_missing_file(fast_pki, mtls, tmp_path):
+    before = tree(fast_pki)
+    pw = tmp_path / "pw"
+    pw.write_text("secret\n")
+    _assert_refused(mtls(["--pki-dir", str(fast_pki), "add-client", "a", "--password-stdin", "--password-file", str(pw)],
+                         stdin="x\n"), "mutually exclusive")
+    _assert_refused(mtls(["--pki-dir", str(fast_pki), "add-client", "a", "--password-file", str(tmp_path / "none")]),
+                    "cannot read --password-file")
+    assert tree(fast_pki) == before
+
+
+def test_bad_key_type_and_p12_profile(fast_pki, mtls):
+    before = tree(fast_pki)
+    _assert_refused(mtls(["--pki-dir", str(fast_pki), "add-client", "a", "--key-type", "dsa"]), "rsa or ec")
+    _assert_refused(mtls(["--pki-dir", str(fast_pki), "add-client", "a", "--p12", "weak"]), "compat, modern or legacy")
+    assert tree(fast_pki) == before
+
+
+@pytest.mark.parametrize("yaml_text,needles", [
+    ("ca:\n  key: {type: rsa, bits: 1024}\n", ["ca.key.bits: 1024 is not allowed", "2048"]),
+    ("ca:\n  key: {type: ec, curve: P-521}\n", ["ca.key.curve: 'P-521' is not allowed", "'P-256' or 'P-384'"]),
+    ("ca:\n  key: {type: ec, bits: 2048}\n", ["ca.key", "bits is for type: rsa"]),
+    ("clients:\n  days: 0\n", ["clients.days: 0 is not allowed"]),
+    ("clients:\n  days: '365'\n", ["clients.days: '365' is not allowed"]),
+    ("clients:\n  p12: weak\n", ["clients.p12: 'weak'", "'compat', 'modern' or 'legacy'"]),
+    ("cliants: {}\n", ["cliants: unknown key; allowed: pki_dir, ca, clients"]),
+    ("ca:\n  subject: {O: x}\n", ["ca.subject.CN: required and missing"]),
+    ("ca:\n  subject: {CN: 'a$b'}\n", ["ca.subject.CN", "'$'"]),
+    ("ca:\n  subject: {CN: x, C: Spain}\n", ["ca.subject.C", "two capital letters"]),
+    ("ca:\n  subject: {CN: x, E: y}\n", ["ca.subject.E: unknown key; allowed: C, ST, L, O, OU, CN"]),
+    ("nginx: {listen: 443}\n", ["nginx.listen: unknown key"]),
+    ("pki_dir: '/tmp/a#b'\n", ["pki_dir", "'#'"]),
+    ("- just\n- a list\n", ["top level must be a mapping"]),
+    ("ca: [\n", ["YAML syntax error at line"]),
+])
+def test_bad_profiles_are_refused_and_nothing_is_created(tmp_path, mtls, yaml_text, needles):
+    prof = tmp_path / "profile.yaml"
+    prof.write_text(yaml_text)
+    res = mtls(["--pki-dir", str(tmp_path / "pki"), "--profile", str(prof), "init"])
+    _assert_refused(res, *needles)
+    assert not (tmp_path / "pki").exists()
+
+
+def test_several_profile_problems_one_line_each(tmp_path, mtls):
+    prof = tmp_path / "profile.yaml"
+    prof.write_text("ca:\n  days: 0\nclients:\n  days: 99999\n  p12: x\n")
+    res = mtls(["--pki-dir", str(tmp_path / "pki"), "--profile", str(prof), "init"])
+    assert res.code == 2
+    lines = res.err.strip().splitlines()
+    assert lines[0].startswith("error: invalid profile") and len(lines) == 4
+    assert any(line.strip().startswith("ca.days: 0") for line in lines)
+
+
+@pytest.mark.parametrize("pki_dir", ["/tmp/with$dollar", "/tmp/with#hash", "/tmp/quote'd"])
+def test_pki_dirs_that_openssl_cnf_cannot_hold_are_refused(mtls, pki_dir):
+    res = mtls(["--pki-dir", pki_dir, "init"])
+    _assert_refused(res, "PKI directory")
+
+
+def test_missing_profile_file(tmp_path, mtls):
+    _assert_refused(mtls(["--profile", str(tmp_path / "nope.yaml"), "--pki-dir", str(tmp_path / "p"), "init"]), "does not exist")
+
+
+def test_partial_profile_keeps_the_defaults(tmp_path, mtls):
+    prof = tmp_path / "profile.yaml"
+    prof.write_text("ca:\n  key: {type: ec}\n  subject: {CN: Partial CA}\n")
+    res = mtls(["--pki-dir", str(tmp_path / "pki"), "--profile", str(prof), "init", "--dry-run"])
+    assert res.code == 0, res.err
+    assert "ec_paramgen_curve:P-384" in res.out  # an EC CA defaults to P-384
+    assert "-days 3650" in res.out
+
+
+def test_unknown_option_is_exit_2_without_traceback(mtls):
+    res = mtls(["add-client", "--frobnicate"])
+    assert res.code == 2 and "No such option" in res.err and "Traceback" not in res.err
