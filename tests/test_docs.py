@@ -1,0 +1,34 @@
+"""The generated references must match the code: a command or profile key cannot go undocumented."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import yaml
+
+from mtlsctl.profile import Profile
+
+DOCS = Path(__file__).resolve().parent.parent / "docs"
+
+
+def _gen():
+    spec = importlib.util.spec_from_file_location("gen_docs", DOCS / "gen_docs.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_cli_reference_is_current(monkeypatch):
+    monkeypatch.setenv("COLUMNS", "100")
+    assert (DOCS / "cli.md").read_text() == _gen().cli_md(), "run: python docs/gen_docs.py"
+
+
+def test_profile_reference_is_current():
+    assert (DOCS / "profile.md").read_text() == _gen().profile_md(), "run: python docs/gen_docs.py"
+
+
+def test_profile_example_is_valid_and_equals_the_defaults():
+    data = yaml.safe_load((DOCS / "profile.example.yaml").read_text())
+    parsed = Profile.model_validate(data)
+    assert parsed.model_dump(exclude={"pki_dir"}) == Profile().model_dump(exclude={"pki_dir"})
