@@ -302,6 +302,309 @@ def export(
         print(f"Export password: {result.password}")
 
 
+def _crl_json(info: Any) -> Any:
+    if info is None:
+        return None
+    return {"this_update": info.this_update.isoformat(), "next_update": info.next_update.isoformat(),
+            "crl_number": info.crl_number, "revoked": info.revoked}
+
+
+def _crl_line(info: Any) -> str:
+    from datetime import datetime, timezone
+
+    left = (info.next_update - datetime.now(timezone.utc)).total_seconds() / 86400
+    return f"next update {info.next_update:%Y-%m-%d %H:%M} UTC ({left:.0f} days), CRL number {info.crl_number}, {info.revoked} revoked"
+
+
+def _reload(settings: Any, changed: bool, no_reload: bool) -> tuple[bool, Optional[str]]:
+    """After a CRL change: nginx test, then reload. Returns (reloaded, error message)."""
+    from mtlsctl.nginx import test_and_reload
+
+    if not changed or no_reload:
+        return False, None
+    try:
+        outcome = test_and_reload(settings.profile.nginx)
+    except MtlsError as exc:
+        return False, exc.message
+    if not outcome.reloaded:
+        _info(outcome.detail)
+    return outcome.reloaded, None
+
+
+def _finish_reload(reloaded: bool, error: Optional[str], as_json: bool) -> None:
+    if error:
+        raise ReloadFailed(f"{error}; nginx still uses the old CRL", hint="fix nginx, then run the reload command (or `mtlsctl crl` again)")
+    if reloaded and not as_json:
+        print("nginx reloaded (it reads the CRL only at reload)")
+
+
+class ReloadFailed(MtlsError):
+    pass
+
+
+NO_RELOAD_HELP = "Do not run the profile's nginx test and reload commands."
+
+
+@app.command()
+def revoke(
+    ctx: typer.Context,
+    name: Optional[str] = typer.Argument(None, help="Client name: revokes its valid certificate(s)."),
+    serial: Optional[str] = typer.Option(None, "--serial", metavar="HEX", help="Revoke this serial instead of a name."),
+    reason: str = typer.Option("unspecified", "--reason", metavar="REASON",
+                               help="unspecified, keyCompromise, CACompromise, affiliationChanged, superseded, "
+                                    "cessationOfOperation or certificateHold."),
+    no_reload: bool = typer.Option(False, "--no-reload", help=NO_RELOAD_HELP),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the openssl commands and change nothing."),
+) -> None:
+    """Revoke a client's certificate, regenerate the CRL, then test and reload nginx.
+
+    \b
+    Idempotent: an already-revoked certificate is reported and exits 0.
+    nginx reads the CRL only at reload, so the reload is part of revoking.
+
+    \b
+    Examples:
+      mtlsctl revoke lost-device --reason keyCompromise
+      mtlsctl revoke --serial 1003 --no-reload --json
+    """
+    from mtlsctl import crl as crl_mod
+    from mtlsctl import lifecycle
+
+    if (name is None) == (serial is None):
+        raise InputError("give a NAME or --serial HEX (not both)", hint="see `mtlsctl list` for names and serials")
+    why = lifecycle.reason(reason)
+    serial_hex = lifecycle.serial(serial) if serial is not None else None
+    if name is not None:
+        from mtlsctl import validate
+
+        validate.client_name(name)
+    settings = _settings(ctx)
+    if dry_run:
+        from datetime import datetime, timezone
+
+        settings.pki.require_ca()
+        now = datetime.now(timezone.utc)
+        rows = [r for r in lifecycle.select_for_revoke(settings.pki, name, serial_hex) if r.is_active(now)]
+        cmds = [lifecycle.revoke_command(lifecycle.cert_file(settings.pki, r), why) for r in rows]
+        if cmds:
+            cmds.append(crl_mod.gencrl_command(settings.profile.crl.days, now))
+        _print_dry_run(settings.pki.root, cmds, [] if cmds else ["nothing to revoke: no valid certificate"])
+        return
+    result = lifecycle.revoke(settings, name=name, serial_hex=serial_hex, why=why, runner=_runner())
+    reloaded, error = _reload(settings, bool(result.revoked), no_reload)
+    if as_json:
+        _print_json({"revoked": result.revoked, "already_revoked": result.already, "expired": result.expired,
+                     "reason": why, "crl": _crl_json(result.crl), "reloaded": reloaded})
+    else:
+        who = name or f"serial {serial_hex}"
+        if result.revoked:
+            print(f"Revoked {who}: serial {', '.join(result.revoked)} ({why})")
+            print(f"CRL regenerated: {_crl_line(result.crl)}")
+        if result.already:
+            print(f"Already revoked: serial {', '.join(result.already)}")
+        if result.expired and not result.revoked:
+            print(f"Expired, nothing to revoke: serial {', '.join(result.expired)}")
+    _finish_reload(reloaded, error, as_json)
+
+
+@app.command()
+def crl(
+    ctx: typer.Context,
+    if_due: bool = typer.Option(False, "--if-due", help="Only when nextUpdate is within crl.refresh_within_days (for timers)."),
+    no_reload: bool = typer.Option(False, "--no-reload", help=NO_RELOAD_HELP),
+    as_json: bool = typer.Option(False, "--json", help="Print this_update, next_update, crl_number, revoked count."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the openssl commands and change nothing."),
+) -> None:
+    """Regenerate crl/ca.crl (atomically, lastUpdate backdated 5 minutes), then test and reload nginx.
+
+    \b
+    When the CRL's nextUpdate passes, nginx rejects EVERY client. Run `mtlsctl crl --if-due` daily
+    (see docs/operations.md for cron and a systemd timer).
+
+    \b
+    Examples:
+      mtlsctl crl
+      mtlsctl crl --if-due --json
+    """
+    from datetime import datetime, timezone
+
+    from mtlsctl import crl as crl_mod
+
+    settings = _settings(ctx)
+    if dry_run:
+        settings.pki.require_ca()
+        _print_dry_run(settings.pki.root, [crl_mod.gencrl_command(settings.profile.crl.days, datetime.now(timezone.utc))],
+                       [f"then rename to {settings.pki.crl}"])
+        return
+    result = crl_mod.refresh_crl(settings.pki, settings.profile, _runner(), if_due=if_due)
+    reloaded, error = _reload(settings, result.regenerated, no_reload)
+    if as_json:
+        _print_json({"regenerated": result.regenerated, **_crl_json(result.info), "reloaded": reloaded})
+    elif result.regenerated:
+        print(f"CRL regenerated: {_crl_line(result.info)}")
+    else:
+        print(f"CRL not due: {_crl_line(result.info)}")
+    _finish_reload(reloaded, error, as_json)
+
+
+@app.command("list")
+def list_(
+    ctx: typer.Context,
+    status: Optional[str] = typer.Option(None, "--status", metavar="STATUS", help="Only valid, revoked or expired."),
+    expiring_within: Optional[int] = typer.Option(None, "--expiring-within", metavar="DAYS", help="Only valid certificates expiring within DAYS."),
+    as_json: bool = typer.Option(False, "--json", help="Print a JSON array (name, serial, status, not_after, days_left, revoked_at, reason, subject, files)."),
+) -> None:
+    """List every certificate in index.txt (read directly: no openssl run per certificate).
+
+    \b
+    Examples:
+      mtlsctl list
+      mtlsctl list --expiring-within 30
+      mtlsctl list --status revoked --json | jq -r '.[].name'
+    """
+    from mtlsctl import crl as crl_mod
+    from mtlsctl import lifecycle
+
+    if status is not None and status not in ("valid", "revoked", "expired"):
+        raise InputError(f"--status {status!r} is not a status", hint="use valid, revoked or expired")
+    if expiring_within is not None:
+        from mtlsctl import validate
+
+        validate.days(expiring_within, what="--expiring-within", maximum=36500)
+    settings = _settings(ctx)
+    entries = lifecycle.list_certs(settings, status=status, expiring_within=expiring_within)
+    if as_json:
+        _print_json([e.to_json() for e in entries])
+        return
+    if not entries:
+        print("no certificates" + (" match" if status or expiring_within else " yet: mtlsctl add-client NAME"))
+    else:
+        width = max(4, *(len(e.name) for e in entries))
+        print(f"{'NAME':<{width}}  {'SERIAL':<6}  {'STATUS':<7}  {'NOT AFTER (UTC)':<16}  {'DAYS':>5}  DETAIL")
+        for e in entries:
+            if e.status == "revoked":
+                detail = f"revoked {e.revoked_at:%Y-%m-%d} ({e.reason})"
+            else:
+                detail = " ".join(Path(f).suffix.lstrip(".") for f in e.files) or "-"
+            print(f"{e.name:<{width}}  {e.serial:<6}  {e.status:<7}  {e.not_after:%Y-%m-%d %H:%M}  {e.days_left:>5}  {detail}")
+    runner = _runner()
+    ca_end = lifecycle.ca_not_after(settings.pki, runner)
+    from datetime import datetime, timezone
+
+    info = crl_mod.read_crl_info(settings.pki, runner)
+    print(f"CA: expires {ca_end:%Y-%m-%d} ({(ca_end - datetime.now(timezone.utc)).days} days)")
+    print("CRL: " + (_crl_line(info) if info else "MISSING: run `mtlsctl crl`"))
+
+
+@app.command()
+def renew(
+    ctx: typer.Context,
+    within: Optional[int] = typer.Option(None, "--within", metavar="DAYS", help="Renew what expires within DAYS (default: renew.within_days, 30)."),
+    days: Optional[int] = typer.Option(None, "--days", metavar="N", help="Validity of the new certificates (default: renew.days, 365)."),
+    show_passwords: bool = typer.Option(False, "--show-passwords", help="Print the new PKCS#12 passwords (default: only the 0600 files that hold them)."),
+    no_reload: bool = typer.Option(False, "--no-reload", help=NO_RELOAD_HELP),
+    as_json: bool = typer.Option(False, "--json", help="Print renewed, failed, crl and reloaded as JSON."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="List what would be renewed and change nothing."),
+) -> None:
+    """Renew expiring client certificates (the guide's mtls-renew.sh, safely) and keep the CRL fresh.
+
+    \b
+    For each valid certificate expiring within the window: archive certs/NAME.crt as
+    certs/NAME.crt.old.YYYY-MM-DD, re-sign certs/NAME.csr, and only once the new certificate is in
+    the database revoke the old one (superseded); then a new .p12 with a new password, written to
+    private/NAME.p12.password (0600). The CRL is regenerated once, and also whenever it is due.
+    If anything changed: nginx test, then reload. One failure does not stop the others (exit 1).
+
+    \b
+    Examples:
+      mtlsctl renew --dry-run
+      mtlsctl renew --json
+      mtlsctl renew --within 60 --days 180
+    """
+    from mtlsctl import lifecycle
+
+    settings = _settings(ctx)
+    report = lifecycle.renew(settings, within_days=within, days=days, runner=_runner(), dry_run=dry_run)
+    if dry_run:
+        _info(f"# dry run: nothing is changed. {len(report.due)} certificate(s) due; commands run in {settings.pki.root}:")
+        for row in report.due:
+            _info(f"# {row.cn}: serial {row.serial} expires {row.expires:%Y-%m-%d %H:%M} UTC")
+            for cmd in lifecycle.renew_commands(row.cn or "", days or settings.profile.renew.days):
+                print(cmd.display())
+        if report.crl_regenerated:
+            _info("# and the CRL would be regenerated")
+        return
+    changed = bool(report.renewed) or report.crl_regenerated
+    reloaded, error = _reload(settings, changed, no_reload)
+    if as_json:
+        renewed = []
+        for r in report.renewed:
+            item: dict[str, Any] = {"name": r.name, "old_serial": r.old_serial, "new_serial": r.new_serial,
+                                    "not_after": r.not_after.isoformat(), "archived": r.archived,
+                                    "p12": str(settings.pki.path(r.p12)) if r.p12 else None,
+                                    "password_file": str(settings.pki.path(r.password_file)) if r.password_file else None}
+            if show_passwords and r.password:
+                item["password"] = r.password
+            renewed.append(item)
+        _print_json({"renewed": renewed,
+                     "failed": [{"name": f.name, "serial": f.serial, "error": f.error} for f in report.failed],
+                     "crl": {"regenerated": report.crl_regenerated, **(_crl_json(report.crl) or {})},
+                     "reloaded": reloaded})
+    else:
+        if not report.due:
+            print(f"Nothing to renew: no valid certificate expires within {within or settings.profile.renew.within_days} days.")
+        for r in report.renewed:
+            print(f"Renewed {r.name}: serial {r.old_serial} -> {r.new_serial}, valid until {r.not_after:%Y-%m-%d %H:%M} UTC; "
+                  f"old certificate archived as {r.archived}")
+            if r.p12:
+                print(f"  new bundle {settings.pki.path(r.p12)}; password in {settings.pki.path(r.password_file)}")
+                if show_passwords:
+                    print(f"  New Export Password: {r.password}")
+            if r.warning:
+                print(f"  warning: {r.warning}")
+        for f in report.failed:
+            print(f"FAILED {f.name} (serial {f.serial}): {f.error}", file=sys.stderr)
+        if report.crl is not None:
+            print(("CRL regenerated: " if report.crl_regenerated else "CRL current: ") + _crl_line(report.crl))
+    _finish_reload(reloaded, error, as_json)
+    if report.failed:
+        raise RenewFailed(f"{len(report.failed)} certificate(s) failed to renew", hint="see the FAILED lines above")
+
+
+class RenewFailed(MtlsError):
+    pass
+
+
+@app.command()
+def verify(
+    ctx: typer.Context,
+    name: str = typer.Argument(..., help="Client name (checks certs/NAME.crt)."),
+    as_json: bool = typer.Option(False, "--json", help="Print name, ok, verdict, message, openssl_output."),
+) -> None:
+    """Check a client certificate against the CA and the CRL, the way nginx will (exit 1 if it fails).
+
+    \b
+    Runs the guide's debugging command with the CRL:
+      openssl verify -crl_check -CAfile ca/ca.crt -CRLfile crl/ca.crl certs/NAME.crt
+
+    \b
+    Example:
+      mtlsctl verify iphone-jmrp
+    """
+    from mtlsctl import lifecycle
+
+    settings = _settings(ctx)
+    result = lifecycle.verify(settings, name, _runner())
+    if as_json:
+        _print_json({"name": result.name, "ok": result.ok, "verdict": result.verdict, "message": result.message,
+                     "openssl_output": result.openssl_output})
+    else:
+        print(f"{result.name}: {result.message}")
+    if not result.ok:
+        raise typer.Exit(1)
+
+
 def _on_sigterm(signum: int, frame: object) -> NoReturn:
     raise KeyboardInterrupt
 

@@ -8,10 +8,14 @@ minutes in the past, nextUpdate explicitly `crl.days` ahead, and the file is rep
 from __future__ import annotations
 
 import os
+import re
+from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 
-from mtlsctl.files import MODE_PUBLIC, Transaction, fsync_dir, normalize_modes
+from mtlsctl.errors import StateError
+from mtlsctl.files import MODE_PUBLIC, Transaction, fsync_dir, normalize_modes, pki_lock
 from mtlsctl.pki import Pki
+from mtlsctl.profile import Profile
 from mtlsctl.runner import Command, Runner
 
 CLOCK_SKEW = timedelta(minutes=5)
@@ -49,3 +53,73 @@ def generate_crl(pki: Pki, days: int, runner: Runner, tx: Transaction, now: date
     tx.snapshot(final)
     os.replace(tmp, final)
     fsync_dir(final.parent)
+
+
+@dataclass(frozen=True)
+class CrlInfo:
+    this_update: datetime
+    next_update: datetime
+    crl_number: str  # hex, as in the crlnumber file
+    revoked: int
+
+
+def crl_text_command(path: str = Pki.crl) -> Command:
+    return Command(("openssl", "crl", "-in", path, "-noout", "-text"))
+
+
+def parse_openssl_date(text: str) -> datetime:
+    """`Nov  7 01:55:29 2026 GMT` (openssl's -text and -enddate form)."""
+    return datetime.strptime(" ".join(text.split()), "%b %d %H:%M:%S %Y GMT").replace(tzinfo=timezone.utc)
+
+
+def parse_crl_text(text: str) -> CrlInfo:
+    """Read lastUpdate, nextUpdate, the CRL number and the revoked count from `openssl crl -text`."""
+    this_update = re.search(r"Last Update: (.+)", text)
+    next_update = re.search(r"Next Update: (.+)", text)
+    number = re.search(r"CRL Number: *\n\s*(\d+)", text)
+    if not this_update or not next_update:
+        raise StateError("the CRL has no lastUpdate/nextUpdate", hint="regenerate it: mtlsctl crl")
+    revoked_part = text.split("Revoked Certificates:", 1)[1] if "Revoked Certificates:" in text else ""
+    num = format(int(number.group(1)), "X") if number else ""
+    return CrlInfo(
+        this_update=parse_openssl_date(this_update.group(1)),
+        next_update=parse_openssl_date(next_update.group(1)),
+        crl_number=num.zfill(len(num) + len(num) % 2),
+        revoked=len(re.findall(r"^\s+Serial Number: ", revoked_part, re.M)),
+    )
+
+
+def read_crl_info(pki: Pki, runner: Runner) -> CrlInfo | None:
+    """The current CRL's dates and size, or None when crl/ca.crl does not exist."""
+    if not pki.path(pki.crl).exists():
+        return None
+    return parse_crl_text(runner.run(crl_text_command(), cwd=pki.root).stdout)
+
+
+def is_due(info: CrlInfo | None, refresh_within_days: int, now: datetime | None = None) -> bool:
+    """A CRL is due when missing or when its nextUpdate is within the refresh window."""
+    now = now or datetime.now(timezone.utc)
+    return info is None or info.next_update - now <= timedelta(days=refresh_within_days)
+
+
+@dataclass(frozen=True)
+class CrlResult:
+    regenerated: bool
+    info: CrlInfo
+
+
+def refresh_crl(pki: Pki, profile: Profile, runner: Runner, *, if_due: bool, now: datetime | None = None) -> CrlResult:
+    """`mtlsctl crl`: regenerate crl/ca.crl (only when due with if_due), under the PKI lock."""
+    now = now or datetime.now(timezone.utc)
+    pki.require_ca()
+    with pki_lock(pki.lock_path):
+        current = read_crl_info(pki, runner)
+        if if_due and not is_due(current, profile.crl.refresh_within_days, now):
+            assert current is not None
+            return CrlResult(False, current)
+        with Transaction() as tx:
+            generate_crl(pki, profile.crl.days, runner, tx, now)
+            info = read_crl_info(pki, runner)
+            tx.checkpoint()
+    assert info is not None
+    return CrlResult(True, info)

@@ -115,16 +115,54 @@ class ClientsProfile(_Strict):
 
 
 class CrlProfile(_Strict):
-    days: int = Field(default=30, ge=1, le=3650)
+    days: int = Field(default=30, ge=1, le=3650, description="nextUpdate of each CRL, in days from its generation")
+    refresh_within_days: int = Field(
+        default=7, ge=0, le=3649,
+        description="`crl --if-due` and `renew` regenerate the CRL when its nextUpdate is this close (must be < crl.days)",
+    )
+
+    @model_validator(mode="after")
+    def _refresh_before_expiry(self) -> CrlProfile:
+        if self.refresh_within_days >= self.days:
+            raise ValueError(f"refresh_within_days ({self.refresh_within_days}) must be less than days ({self.days})")
+        return self
 
 
 class RenewProfile(_Strict):
-    within_days: int = Field(default=30, ge=1, le=3650)
-    days: int = Field(default=365, ge=1, le=3650)
+    within_days: int = Field(default=30, ge=1, le=3650, description="renew certificates that expire within this many days")
+    days: int = Field(default=365, ge=1, le=3650, description="validity of a renewed certificate")
+    revoke_superseded: bool = Field(default=True, description="revoke the old certificate (reason superseded) once the new one is issued")
+
+
+def _command_line(value: Optional[str]) -> Optional[str]:
+    """A command split like a shell would, run without one; empty or null means "do not run"."""
+    if value is None or value.strip() == "":
+        return None
+    import shlex
+
+    try:
+        argv = shlex.split(value)
+    except ValueError as exc:
+        raise ValueError(f"cannot be split into arguments ({exc})") from None
+    if any(c in value for c in "\n\r\0"):
+        raise ValueError("must be one line")
+    if not argv:
+        return None
+    return value
 
 
 class NginxProfile(_Strict):
-    """Filled in by later versions; an empty mapping is accepted now."""
+    """nginx integration. The nginx issue adds the site settings."""
+
+    test_command: Optional[str] = Field(default="nginx -t", description="run before every reload; null or empty: skip")
+    reload_command: Optional[str] = Field(
+        default="systemctl reload nginx", description="run after a CRL change when the test passes; null or empty: never reload"
+    )
+
+    @field_validator("test_command", "reload_command")
+    @classmethod
+    def _commands(cls, v: Optional[str]) -> Optional[str]:
+        return _command_line(v)
 
 
 class Profile(_Strict):

@@ -1,0 +1,414 @@
+"""Revoke, list, renew and verify: the certificate lifecycle, driven by index.txt.
+
+Scans read index.txt once in Python (no subprocess per certificate: the guide's renew loop runs
+openssl three times per file). Changes hold the PKI lock and roll back what a failed step wrote.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+
+from mtlsctl import db, openssl, validate
+from mtlsctl.client import generate_password, sign_into_database
+from mtlsctl.crl import CrlInfo, generate_crl, is_due, read_crl_info
+from mtlsctl.errors import InputError, MtlsError, StateError
+from mtlsctl.files import MODE_PUBLIC, MODE_SECRET, Transaction, atomic_write, normalize_modes, pki_lock
+from mtlsctl.pki import DB_FILES_WITH_BACKUPS, ClientFiles, Pki, Settings
+from mtlsctl.runner import Command, Runner
+
+# RFC 5280 reasons openssl ca accepts; never removeFromCRL (it marks R but is not treated as revoked).
+REASONS = ("unspecified", "keyCompromise", "CACompromise", "affiliationChanged", "superseded",
+           "cessationOfOperation", "certificateHold")
+
+
+def reason(value: str) -> str:
+    """Canonical spelling of a revocation reason, case-insensitive."""
+    for known in REASONS:
+        if value.lower() == known.lower():
+            return known
+    raise InputError(f"--reason {value!r} is not a revocation reason", hint="use one of: " + ", ".join(REASONS))
+
+
+def serial(value: str) -> str:
+    """A serial as index.txt writes it: upper-case, even-length hex (0x prefix and colons allowed)."""
+    text = value.strip().upper().removeprefix("0X").replace(":", "")
+    if not text or not all(c in "0123456789ABCDEF" for c in text):
+        raise InputError(f"--serial {value!r} is not a hexadecimal serial", hint="e.g. --serial 1000 (see `mtlsctl list`)")
+    text = text.lstrip("0") or "0"
+    return text.zfill(len(text) + len(text) % 2)
+
+
+def status_of(row: db.IndexRow, now: datetime) -> str:
+    if row.status == "R":
+        return "revoked"
+    return "valid" if row.is_active(now) else "expired"
+
+
+def cert_file(pki: Pki, row: db.IndexRow) -> str:
+    """The file that holds a row's certificate: certs/NAME.crt (the guide's) when it is this serial's."""
+    newcert = f"newcerts/{row.serial}.pem"
+    if row.cn and db.same_certificate(pki.path(f"certs/{row.cn}.crt"), pki.path(newcert)):
+        return f"certs/{row.cn}.crt"
+    if pki.path(newcert).exists():
+        return newcert
+    raise StateError(f"no file holds the certificate with serial {row.serial}", hint=f"{newcert} is missing")
+
+
+def revoke_command(cert: str, why: str) -> Command:
+    """The guide's revocation, with the reason: `openssl ca -config openssl.cnf -revoke FILE -crl_reason R`."""
+    return Command(("openssl", "ca", "-config", "openssl.cnf", "-revoke", cert, "-crl_reason", why),
+                   label=f"revoking {cert} ({why})")
+
+
+def revoke_row(pki: Pki, row: db.IndexRow, why: str, runner: Runner, tx: Transaction, cert: str | None = None) -> None:
+    """Revoke one database row (from `cert`, else the file that holds it) and prove it is R afterwards."""
+    for rel in DB_FILES_WITH_BACKUPS:
+        tx.snapshot(pki.path(rel))
+    runner.run(revoke_command(cert or cert_file(pki, row), why), cwd=pki.root)
+    normalize_modes(pki.root, DB_FILES_WITH_BACKUPS)
+    after = [r for r in db.read_index(pki.path(pki.index)) if r.serial == row.serial]
+    if len(after) != 1 or after[0].status != "R":
+        raise StateError(f"openssl ca exited 0 but serial {row.serial} is not revoked in index.txt",
+                         hint="the database was restored; run the command again")
+
+
+@dataclass(frozen=True)
+class RevokeResult:
+    revoked: list[str]  # serials revoked now
+    already: list[str]  # serials that were revoked before
+    expired: list[str]  # serials that had expired (nothing to do)
+    crl: CrlInfo | None
+
+
+def select_for_revoke(pki: Pki, name: str | None, serial_hex: str | None) -> list[db.IndexRow]:
+    rows = db.read_index(pki.path(pki.index))
+    if serial_hex is not None:
+        found = [r for r in rows if r.serial == serial_hex]
+        if not found:
+            raise InputError(f"no certificate with serial {serial_hex} in index.txt", hint="see `mtlsctl list`")
+        return found
+    assert name is not None
+    found = [r for r in rows if r.cn == name]
+    if not found:
+        raise InputError(f"no certificate named {name!r} in index.txt", hint="see `mtlsctl list`")
+    return found
+
+
+def revoke(settings: Settings, *, name: str | None, serial_hex: str | None, why: str, runner: Runner,
+           now: datetime | None = None) -> RevokeResult:
+    """Revoke a name's valid certificate(s), or one serial, then regenerate the CRL.
+
+    Idempotent: already-revoked certificates are reported, not an error.
+    """
+    pki = settings.pki
+    now = now or datetime.now(timezone.utc)
+    pki.require_ca()
+    select_for_revoke(pki, name, serial_hex)  # unknown name/serial: exit 2 before the lock
+    with pki_lock(pki.lock_path), Transaction() as tx:
+        rows = select_for_revoke(pki, name, serial_hex)
+        todo = [r for r in rows if r.status == "V" and r.is_active(now)]
+        already = [r.serial for r in rows if r.status == "R"]
+        expired = [r.serial for r in rows if r.status != "R" and not r.is_active(now)]
+        for row in todo:
+            revoke_row(pki, row, why, runner, tx)
+        crl = None
+        if todo:
+            generate_crl(pki, settings.profile.crl.days, runner, tx, now)
+            crl = read_crl_info(pki, runner)
+        tx.checkpoint()
+    return RevokeResult([r.serial for r in todo], already, expired, crl)
+
+
+# ------------------------------------------------------------------ list
+
+
+@dataclass(frozen=True)
+class CertEntry:
+    name: str
+    serial: str
+    status: str
+    not_after: datetime
+    days_left: int
+    revoked_at: datetime | None
+    reason: str | None
+    subject: str
+    files: list[str]
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "name": self.name, "serial": self.serial, "status": self.status,
+            "not_after": self.not_after.isoformat(), "days_left": self.days_left,
+            "revoked_at": self.revoked_at.isoformat() if self.revoked_at else None, "reason": self.reason,
+            "subject": self.subject, "files": self.files,
+        }
+
+
+def _days_left(not_after: datetime, now: datetime) -> int:
+    return int((not_after - now).total_seconds() // 86400)
+
+
+def list_certs(settings: Settings, *, status: str | None = None, expiring_within: int | None = None,
+               now: datetime | None = None) -> list[CertEntry]:
+    """Every certificate in index.txt, oldest first, with the files that exist for it."""
+    pki = settings.pki
+    now = now or datetime.now(timezone.utc)
+    pki.require_ca()
+    rows = db.read_index(pki.path(pki.index))
+    latest: dict[str, str] = {}
+    for row in rows:
+        if row.cn:
+            latest[row.cn] = row.serial
+    out = []
+    for row in rows:
+        st = status_of(row, now)
+        if status is not None and st != status:
+            continue
+        if expiring_within is not None and not (st == "valid" and row.expires <= now + timedelta(days=expiring_within)):
+            continue
+        name = row.cn or ""
+        files: list[str] = []
+        if name and latest.get(name) == row.serial:
+            cf = ClientFiles(name)
+            files = [rel for rel in (cf.key, cf.csr, cf.p12) if pki.path(rel).exists()]
+            if db.same_certificate(pki.path(cf.crt), pki.path(f"newcerts/{row.serial}.pem")):
+                files.insert(2, cf.crt)
+        out.append(CertEntry(name, row.serial, st, row.expires, _days_left(row.expires, now), row.revoked_at,
+                             row.reason, row.subject, files))
+    return out
+
+
+def ca_not_after(pki: Pki, runner: Runner) -> datetime:
+    from mtlsctl.crl import parse_openssl_date
+
+    out = runner.run(Command(("openssl", "x509", "-in", pki.ca_cert, "-noout", "-enddate")), cwd=pki.root).stdout
+    return parse_openssl_date(out.strip().split("=", 1)[1])
+
+
+# ------------------------------------------------------------------ renew
+
+
+@dataclass
+class Renewed:
+    name: str
+    old_serial: str
+    new_serial: str
+    not_after: datetime
+    archived: str
+    p12: str | None = None
+    password_file: str | None = None
+    password: str | None = field(default=None, repr=False)
+    warning: str | None = None
+
+
+@dataclass
+class RenewFailure:
+    name: str
+    serial: str
+    error: str
+
+
+@dataclass
+class RenewReport:
+    renewed: list[Renewed] = field(default_factory=list)
+    failed: list[RenewFailure] = field(default_factory=list)
+    due: list[db.IndexRow] = field(default_factory=list)
+    crl_regenerated: bool = False
+    crl: CrlInfo | None = None
+
+
+def due_for_renewal(rows: list[db.IndexRow], within_days: int, now: datetime) -> list[db.IndexRow]:
+    """The newest valid certificate of each name, when it expires within the window.
+
+    Revoked and expired rows are skipped; an older still-valid row of a renewed name is not renewed again.
+    """
+    newest: dict[str, db.IndexRow] = {}
+    for row in rows:
+        if row.cn and row.is_active(now):
+            if row.cn not in newest or row.expires >= newest[row.cn].expires:
+                newest[row.cn] = row
+    horizon = now + timedelta(days=within_days)
+    return [row for row in newest.values() if row.expires <= horizon]
+
+
+def _archive_name(pki: Pki, crt: str, now: datetime) -> str:
+    base = f"{crt}.old.{now:%Y-%m-%d}"
+    candidate, n = base, 1
+    while pki.path(candidate).exists():
+        candidate, n = f"{base}.{n}", n + 1
+    return candidate
+
+
+def renew_commands(name: str, days: int) -> list[Command]:
+    files = ClientFiles(name)
+    return [openssl.ca_sign(files.csr, files.crt, days)]
+
+
+def _allow_overlap(pki: Pki, tx: Transaction) -> None:
+    """Renewal overlaps two valid certificates of one name: index.txt.attr must say unique_subject = no.
+
+    A PKI made with the guide's openssl.cnf has `unique_subject = yes` there after its first issuance
+    (FIELD-NOTES); going from yes to no is always safe.
+    """
+    attr = pki.path(pki.index_attr)
+    if not attr.exists() or "unique_subject = no" not in attr.read_text():
+        tx.snapshot(attr)
+        atomic_write(attr, "unique_subject = no\n", MODE_PUBLIC)
+
+
+def _renew_one(settings: Settings, row: db.IndexRow, days: int, now: datetime, runner: Runner) -> Renewed:
+    pki = settings.pki
+    name = row.cn or ""
+    files = ClientFiles(name)
+    if not pki.path(files.csr).exists():
+        raise StateError(f"CSR not found at {files.csr}; cannot renew automatically",
+                         hint=f"issue a new certificate: mtlsctl revoke {name} && mtlsctl add-client {name}")
+    with Transaction() as tx:
+        _allow_overlap(pki, tx)
+        archived = _archive_name(pki, files.crt, now)
+        source = cert_file(pki, row)
+        tx.created(pki.path(archived))
+        shutil.copy2(pki.path(source), pki.path(archived))
+        tx.snapshot(pki.path(files.crt))
+        new_row = sign_into_database(pki, openssl.ca_sign(files.csr, files.crt, days), name, files.crt, runner, tx)
+        tx.checkpoint()  # the new certificate is issued: keep it whatever happens next
+    result = Renewed(name, row.serial, new_row.serial, new_row.expires, archived)
+    problems = []
+    if settings.profile.renew.revoke_superseded:
+        try:
+            with Transaction() as tx:
+                revoke_row(pki, row, "superseded", runner, tx, cert=archived)
+                tx.checkpoint()
+        except MtlsError as exc:
+            problems.append(f"the old certificate {row.serial} was not revoked: {exc.message}")
+    if pki.path(files.key).exists():
+        try:
+            result.password = generate_password()
+            result.p12, result.password_file = _replace_p12(settings, name, result.password, runner)
+        except MtlsError as exc:
+            result.password = None
+            problems.append(f"new PKCS#12 not written ({exc.message}); run `mtlsctl export {name} --force`")
+    else:
+        result.warning = f"private key {files.key} not found; no PKCS#12 bundle written"
+    if problems:
+        raise PartialRenewal(result, "; ".join(problems))
+    return result
+
+
+class PartialRenewal(MtlsError):
+    """The new certificate is issued, but a later step (revoking the old one, the bundle) failed."""
+
+    def __init__(self, result: Renewed, message: str) -> None:
+        super().__init__(message)
+        self.result = result
+
+
+def _replace_p12(settings: Settings, name: str, password: str, runner: Runner) -> tuple[str, str]:
+    """A new bundle with a new password: written aside, read back, then renamed over the old one.
+
+    The password goes to private/NAME.p12.password (0600), never to stdout by default.
+    """
+    from mtlsctl.client import write_p12
+
+    pki = settings.pki
+    files = ClientFiles(name)
+    tmp = f"certs/.{name}.p12.tmp"
+    password_file = f"private/{name}.p12.password"
+    with Transaction() as tx:
+        write_p12(pki, name, tmp, password, settings.profile.clients.p12, runner, tx)
+        tx.snapshot(pki.path(password_file))
+        atomic_write(pki.path(password_file), password + "\n", MODE_SECRET)
+        tx.snapshot(pki.path(files.p12))
+        os.replace(pki.path(tmp), pki.path(files.p12))
+        tx.checkpoint()
+    return files.p12, password_file
+
+
+def renew(settings: Settings, *, within_days: int | None = None, days: int | None = None, runner: Runner,
+          now: datetime | None = None, dry_run: bool = False) -> RenewReport:
+    """Renew every valid certificate that expires within the window; refresh the CRL when due.
+
+    One failing certificate does not stop the others; the CRL is regenerated once per run.
+    """
+    pki, profile = settings.pki, settings.profile
+    now = now or datetime.now(timezone.utc)
+    within = validate.days(within_days if within_days is not None else profile.renew.within_days, what="--within")
+    new_days = validate.days(days if days is not None else profile.renew.days)
+    pki.require_ca()
+    report = RenewReport()
+    if dry_run:
+        report.due = due_for_renewal(db.read_index(pki.path(pki.index)), within, now)
+        report.crl = read_crl_info(pki, runner)
+        report.crl_regenerated = bool(report.due) or is_due(report.crl, profile.crl.refresh_within_days, now)
+        return report
+    with pki_lock(pki.lock_path):
+        report.due = due_for_renewal(db.read_index(pki.path(pki.index)), within, now)
+        for row in report.due:
+            try:
+                report.renewed.append(_renew_one(settings, row, new_days, now, runner))
+            except PartialRenewal as exc:
+                report.renewed.append(exc.result)
+                report.failed.append(RenewFailure(exc.result.name, exc.result.old_serial, exc.message))
+            except MtlsError as exc:
+                report.failed.append(RenewFailure(row.cn or "", row.serial, exc.message))
+        current = read_crl_info(pki, runner)
+        if report.renewed or is_due(current, profile.crl.refresh_within_days, now):
+            with Transaction() as tx:
+                generate_crl(pki, profile.crl.days, runner, tx, now)
+                tx.checkpoint()
+            report.crl_regenerated = True
+            current = read_crl_info(pki, runner)
+        report.crl = current
+    return report
+
+
+# ------------------------------------------------------------------ verify
+
+
+@dataclass(frozen=True)
+class VerifyResult:
+    name: str
+    ok: bool
+    verdict: str  # ok | revoked | expired | crl_expired | crl_not_yet_valid | untrusted | failed
+    message: str
+    openssl_output: str
+
+
+_VERDICTS = {
+    "23": ("revoked", "the certificate is REVOKED (listed in crl/ca.crl)"),
+    "10": ("expired", "the certificate has EXPIRED"),
+    "12": ("crl_expired", "the CRL has expired: nginx rejects every client until you run `mtlsctl crl`"),
+    "11": ("crl_not_yet_valid", "the CRL is not yet valid (clock skew?): run `mtlsctl crl`"),
+    "9": ("not_yet_valid", "the certificate is not yet valid"),
+    "20": ("untrusted", "the certificate was not issued by this CA"),
+    "2": ("untrusted", "the certificate was not issued by this CA"),
+    "3": ("no_crl", "no CRL for the CA: run `mtlsctl crl`"),
+}
+
+
+def verify_command(crt: str) -> Command:
+    """The guide's debugging command, with the CRL: `openssl verify -crl_check -CAfile ... -CRLfile ...`."""
+    return Command(("openssl", "verify", "-crl_check", "-CAfile", Pki.ca_cert, "-CRLfile", Pki.crl, crt))
+
+
+def verify(settings: Settings, name: str, runner: Runner) -> VerifyResult:
+    pki = settings.pki
+    validate.client_name(name)
+    pki.require_ca()
+    crt = ClientFiles(name).crt
+    if not pki.path(crt).exists():
+        raise InputError(f"no certificate for {name!r} ({crt} missing)", hint="see `mtlsctl list`")
+    if not pki.path(pki.crl).exists():
+        raise StateError("crl/ca.crl is missing", hint="run `mtlsctl crl`")
+    result = runner.run(verify_command(crt), cwd=pki.root, check=False)
+    output = (result.stdout + result.stderr).strip()
+    if result.returncode == 0 and output.endswith(": OK"):
+        return VerifyResult(name, True, "ok", "OK: signed by this CA, within its validity, not revoked (CRL checked)", output)
+    code = re.search(r"error (\d+) at \d+ depth", output)
+    verdict, message = _VERDICTS.get(code.group(1) if code else "", ("failed", "verification failed"))
+    detail = output.splitlines()[-2] if len(output.splitlines()) >= 2 else output
+    return VerifyResult(name, False, verdict, f"{message} ({detail.strip()})", output)
+
