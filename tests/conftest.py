@@ -105,3 +105,41 @@ def _copy_pki(template: Path, dest: Path) -> Path:
 def fast_pki(tmp_path: Path, _fast_ca_template: Path) -> Path:
     """A fresh PKI with a P-256 CA (a copy of one made once per session by `mtlsctl init`)."""
     return _copy_pki(_fast_ca_template, tmp_path / "pki")
+
+
+def set_profile(pki: Path, **changes: dict) -> None:
+    """Update sections of <pki>/mtls.yaml: set_profile(pki, crl={"days": 10})."""
+    import yaml
+
+    path = pki / "mtls.yaml"
+    data = yaml.safe_load(path.read_text())
+    for section, values in changes.items():
+        data.setdefault(section, {}).update(values)
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+
+
+@pytest.fixture
+def reload_log(fast_pki: Path, tmp_path: Path) -> Path:
+    """Point the profile's nginx test/reload commands at a log file: one line per reload."""
+    log = tmp_path / "reloads.log"
+    set_profile(fast_pki, nginx={"test_command": "true", "reload_command": f"sh -c 'echo reload >> {log}'"})
+    return log
+
+
+def reloads(log: Path) -> int:
+    return len(log.read_text().splitlines()) if log.exists() else 0
+
+
+def ca_status(pki: Path, serial: str) -> str:
+    """What openssl itself says of a serial: Valid, Revoked, Expired..."""
+    res = openssl("ca", "-config", "openssl.cnf", "-status", serial, cwd=pki, check=False)
+    return (res.stdout + res.stderr).split(f"{serial}=", 1)[-1].split()[0]
+
+
+def crl_text(pki: Path) -> str:
+    return openssl("crl", "-in", str(pki / "crl/ca.crl"), "-noout", "-text").stdout
+
+
+def verify_crl(pki: Path, crt: str) -> str:
+    res = openssl("verify", "-crl_check", "-CAfile", "ca/ca.crt", "-CRLfile", "crl/ca.crl", crt, cwd=pki, check=False)
+    return (res.stdout + res.stderr).strip()

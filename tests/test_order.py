@@ -1,0 +1,84 @@
+"""The order of operations, pinned on the argv that really ran (a spy around the one runner).
+
+renew must sign the new certificate BEFORE revoking the old one (the guide revokes first, so a
+failed re-sign leaves the client with no valid certificate), and regenerate the CRL once per run.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timezone
+
+import pytest
+
+from mtlsctl.runner import Runner
+
+from .conftest import set_profile
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def spy(monkeypatch):
+    calls: list[tuple[str, ...]] = []
+    real = Runner.run
+
+    def run(self, cmd, cwd=None, check=True):
+        calls.append(cmd.argv)
+        return real(self, cmd, cwd=cwd, check=check)
+
+    monkeypatch.setattr(Runner, "run", run)
+    return calls
+
+
+def _shape(argv: tuple[str, ...]) -> str:
+    """A readable name for a command: 'ca -revoke', 'ca -gencrl', 'pkcs12 -export'..."""
+    for flag in ("-revoke", "-gencrl", "-export", "-extensions", "-noout"):
+        if flag in argv:
+            return f"{argv[1]} {flag}"
+    return argv[1]
+
+
+def test_renew_signs_then_revokes_then_one_crl_then_bundles(fast_pki, mtls, spy):
+    set_profile(fast_pki, nginx={"reload_command": ""})
+    for name in ("a", "b"):
+        assert mtls(["--pki-dir", str(fast_pki), "add-client", name, "--days", "2"]).code == 0
+    spy.clear()
+    res = mtls(["--pki-dir", str(fast_pki), "renew", "--days", "30", "--json"])
+    assert res.code == 0, res.err
+    shapes = [_shape(a) for a in spy]
+    per_client = ["ca -extensions", "ca -revoke", "pkcs12 -export", "pkcs12 -noout"]
+    assert shapes == per_client + per_client + ["crl -noout", "ca -gencrl", "crl -noout"]
+    day = f"{datetime.now(timezone.utc):%Y-%m-%d}"
+    assert spy[0] == ("openssl", "ca", "-config", "openssl.cnf", "-extensions", "v3_client", "-days", "30", "-batch",
+                      "-in", "certs/a.csr", "-out", "certs/a.crt")
+    assert spy[1] == ("openssl", "ca", "-config", "openssl.cnf", "-revoke", f"certs/a.crt.old.{day}",
+                      "-crl_reason", "superseded")
+    assert spy[2][:4] == ("openssl", "pkcs12", "-export", "-out") and spy[2][4] == "certs/.a.p12.tmp"
+    assert not any(json.loads(res.out)["renewed"][0]["password_file"] in " ".join(a) for a in spy)
+
+
+def test_revoke_runs_the_guides_command_with_the_reason_then_one_crl(fast_pki, mtls, spy):
+    set_profile(fast_pki, nginx={"reload_command": ""})
+    assert mtls(["--pki-dir", str(fast_pki), "add-client", "lost"]).code == 0
+    spy.clear()
+    assert mtls(["--pki-dir", str(fast_pki), "revoke", "lost", "--reason", "keyCompromise"]).code == 0
+    assert spy[0] == ("openssl", "ca", "-config", "openssl.cnf", "-revoke", "certs/lost.crt", "-crl_reason", "keyCompromise")
+    assert [_shape(a) for a in spy] == ["ca -revoke", "ca -gencrl", "crl -noout"]
+
+
+def test_list_json_runs_no_openssl_at_all(fast_pki, mtls, spy):
+    for name in ("a", "b", "c"):
+        assert mtls(["--pki-dir", str(fast_pki), "add-client", name]).code == 0
+    spy.clear()
+    res = mtls(["--pki-dir", str(fast_pki), "list", "--json"])
+    assert res.code == 0 and len(json.loads(res.out)) == 3
+    assert spy == []
+
+
+def test_renew_with_nothing_due_runs_one_openssl_to_read_the_crl(fast_pki, mtls, spy):
+    for name in ("a", "b", "c"):
+        assert mtls(["--pki-dir", str(fast_pki), "add-client", name]).code == 0
+    spy.clear()
+    assert mtls(["--pki-dir", str(fast_pki), "renew", "--no-reload"]).code == 0
+    assert [_shape(a) for a in spy] == ["crl -noout"]
