@@ -605,6 +605,198 @@ def verify(
         raise typer.Exit(1)
 
 
+@app.command("add-server")
+def add_server(
+    ctx: typer.Context,
+    name: str = typer.Argument(..., help="Server name: becomes CN=NAME and certs/NAME.crt, private/NAME.key."),
+    san: list[str] = typer.Option([], "--san", metavar="DNS:NAME|IP:ADDR", help="Subject alternative name; repeatable (default: DNS:NAME)."),
+    days: Optional[int] = typer.Option(None, "--days", metavar="N", help="Validity in days (default: profile clients.days, 365)."),
+    key_type: Optional[str] = typer.Option(None, "--key-type", metavar="rsa|ec", help="Key type (default: profile clients.key)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the openssl commands and change nothing."),
+) -> None:
+    """Issue a server certificate from the same CA (v3_server: CA:FALSE, serverAuth, the SANs).
+
+    \b
+    For internal services and for nginx's own certificate (ssl_certificate).
+
+    \b
+    Examples:
+      mtlsctl add-server secure.example.com --san DNS:secure.example.com
+      mtlsctl add-server localhost --san DNS:localhost --san IP:127.0.0.1
+    """
+    from mtlsctl import client
+
+    if key_type is not None and key_type not in ("rsa", "ec"):
+        raise InputError(f"--key-type {key_type!r} is not a key type", hint="use rsa or ec")
+    settings = _settings(ctx)
+    sans = list(san) or [f"DNS:{name}"]
+    for entry in sans:
+        if entry.split(":", 1)[0].upper() not in ("DNS", "IP"):
+            raise InputError(f"--san {entry!r}: a server certificate takes DNS: or IP: names", hint="e.g. --san DNS:host.example")
+    req = client.build_request(settings, name, days=days, key_type=key_type, sans=sans, kind="server")
+    if dry_run:
+        settings.pki.require_ca()
+        client._refuse_conflicts(settings.pki, req.name)
+        _print_dry_run(settings.pki.root, client.issue_commands(req))
+        return
+    result = client.issue_client(settings, req, _runner())
+    if as_json:
+        _print_json({"name": result.name, "serial": result.serial, "not_after": result.not_after.isoformat(),
+                     "sans": list(result.sans), "files": {"key": str(result.key), "csr": str(result.csr), "crt": str(result.crt)}})
+        return
+    print(f"Issued server certificate {result.name}: serial {result.serial}, valid until {result.not_after:%Y-%m-%d %H:%M} UTC")
+    print(f"  SANs  {', '.join(result.sans)}")
+    print(f"  cert  {result.crt}   (ssl_certificate)")
+    print(f"  key   {result.key}   (ssl_certificate_key)")
+
+
+nginx_app = typer.Typer(help="Render the mTLS site for nginx, test it, and reload safely.", no_args_is_help=True)
+app.add_typer(nginx_app, name="nginx")
+
+
+@nginx_app.command("render")
+def nginx_render(
+    ctx: typer.Context,
+    out: Optional[Path] = typer.Option(None, "--out", metavar="FILE", help="Write here atomically (e.g. /etc/nginx/conf.d/mtls.conf); default: stdout."),
+    verify_client: Optional[str] = typer.Option(None, "--verify-client", metavar="on|optional", help="Override nginx.verify_client."),
+    rate_limit: Optional[str] = typer.Option(None, "--rate-limit", metavar="RATE", help="Rate limit for unverified clients, e.g. 5r/s (overrides nginx.rate_limit)."),
+    burst: Optional[int] = typer.Option(None, "--burst", metavar="N", help="Burst for --rate-limit (default 10)."),
+) -> None:
+    """Render the site (server block, allowlist and rate-limit maps, log format) for the http {} context.
+
+    \b
+    The profile's nginx: section drives it (docs/profile.md). Values that would inject nginx syntax
+    are refused. Allowlist regexes are anchored; verify failures are logged at info.
+
+    \b
+    Examples:
+      mtlsctl nginx render --out /etc/nginx/conf.d/secure.example.com.conf && mtlsctl nginx reload
+      mtlsctl nginx render --verify-client optional --rate-limit 5r/s --burst 20
+    """
+    from mtlsctl.files import MODE_PUBLIC, atomic_write
+    from mtlsctl.nginx import render_site
+    from mtlsctl.profile import RateLimit
+
+    if verify_client is not None and verify_client not in ("on", "optional"):
+        raise InputError(f"--verify-client {verify_client!r} is not allowed", hint="use on or optional (optional_no_ca admits self-signed certificates)")
+    limit = None
+    if rate_limit is not None or burst is not None:
+        from pydantic import ValidationError
+
+        if rate_limit is None:
+            raise InputError("--burst needs --rate-limit", hint="e.g. --rate-limit 5r/s --burst 20")
+        try:
+            limit = RateLimit(rate=rate_limit, burst=burst if burst is not None else 10)
+        except ValidationError as exc:
+            raise InputError(f"--rate-limit {rate_limit!r} / --burst {burst!r}: {exc.errors()[0]['msg'].removeprefix('Value error, ')}",
+                             hint="e.g. --rate-limit 5r/s --burst 10") from None
+    settings = _settings(ctx)
+    text, warnings = render_site(settings.pki, settings.profile.nginx, verify_client=verify_client, rate_limit=limit)
+    for w in warnings:
+        _info(f"warning: {w}")
+    if out is None:
+        sys.stdout.write(text)
+        return
+    if not out.parent.is_dir():
+        raise InputError(f"--out {out}: directory {out.parent} does not exist")
+    atomic_write(out, text, MODE_PUBLIC)
+    _info(f"wrote {out}; next: mtlsctl nginx reload")
+
+
+@nginx_app.command("check")
+def nginx_check(ctx: typer.Context) -> None:
+    """Run the profile's nginx.test_command (nginx -t); exit 1 with nginx's message if it fails.
+
+    \b
+    Example:
+      mtlsctl nginx check
+    """
+    from mtlsctl.nginx import check
+
+    settings = _settings(ctx)
+    print(check(settings.profile.nginx))
+
+
+@nginx_app.command("reload")
+def nginx_reload(
+    ctx: typer.Context,
+    as_json: bool = typer.Option(False, "--json", help="Print reloaded and detail as JSON."),
+) -> None:
+    """Test, reload, then confirm nginx started new workers (a failed reload keeps the old CRL silently).
+
+    \b
+    Uses nginx.test_command, nginx.reload_command and nginx.pid_file from the profile.
+
+    \b
+    Example:
+      mtlsctl nginx reload
+    """
+    from mtlsctl.nginx import reload as do_reload
+
+    settings = _settings(ctx)
+    outcome = do_reload(settings.profile.nginx)
+    if as_json:
+        _print_json({"reloaded": outcome.reloaded, "detail": outcome.detail})
+    else:
+        print(outcome.detail)
+
+
+@app.command()
+def demo(
+    directory: Path = typer.Option(Path("mtls-demo"), "--dir", metavar="DIR", help="Where to build the demo PKI (default ./mtls-demo)."),
+    port: Optional[int] = typer.Option(None, "--port", metavar="N", help="nginx port on 127.0.0.1 (default: a free one)."),
+    keep: bool = typer.Option(False, "--keep", help="Leave nginx and the echo backend running."),
+    as_json: bool = typer.Option(False, "--json", help="Print the outcomes as JSON."),
+) -> None:
+    """The guide end to end on the built-in defaults, proven with a real nginx.
+
+    \b
+    Builds a PKI in ./mtls-demo: CA, a localhost server certificate, clients iphone-jmrp (allowed),
+    guest (valid, not allowed) and lost-device (revoked), the CRL and the rendered site. When nginx is
+    installed it starts it on 127.0.0.1 with a tiny echo backend and checks the guide's outcomes:
+    no certificate 400, iphone-jmrp 200, lost-device 400, guest 403. Safe to run again.
+
+    \b
+    Example:
+      mtlsctl demo --keep     # then paste the curl commands it prints
+    """
+    from mtlsctl.demo import run_demo
+
+    if port is not None and not 1024 <= port <= 65535:
+        raise InputError(f"--port {port} is out of range", hint="use 1024..65535, or leave it out for a free port")
+    report = run_demo(directory, port, keep, _runner())
+    if as_json:
+        _print_json({"pki_dir": str(report.pki_dir), "port": report.port, "nginx_ran": report.nginx_ran, "ok": report.ok,
+                     "cases": [{"case": c.label, "expected": c.expected, "status": c.status, "command": c.command}
+                               for c in report.cases]})
+    else:
+        print(f"Demo PKI in {report.pki_dir}" + (f" (created: {', '.join(report.created)})" if report.created else " (reused)"))
+        if not report.nginx_ran:
+            print("nginx is not installed, so the checks did not run. Install it (Debian: apt-get install nginx) and run `mtlsctl demo` again.")
+            print("The commands a person would run against it:")
+            for c in report.cases:
+                print(f"  expect {c.expected}  {c.command}")
+            return
+        print(f"nginx on https://127.0.0.1:{report.port}/ (mTLS, CRL, allowlist CN={'iphone-jmrp'})\n")
+        width = max(len(c.label) for c in report.cases)
+        print(f"{'CASE':<{width}}  EXPECTED  GOT   RESULT")
+        for c in report.cases:
+            print(f"{c.label:<{width}}  {c.expected:<8}  {c.status or '-':<4}  {'ok' if c.ok else 'WRONG'}")
+            print(f"{'':<{width}}  $ {c.command}")
+        allowed = next(c for c in report.cases if c.expected == 200)
+        if allowed.body:
+            print(f"\nbackend saw: {allowed.body.splitlines()[0]}")
+        if report.kept:
+            print(f"\nnginx and the backend are still running. Stop them with:\n  {report.stop_hint}")
+    if report.nginx_ran and not report.ok:
+        raise DemoFailed("the demo's outcomes differ from the guide's", hint=f"see {report.pki_dir}/nginx/logs/")
+
+
+class DemoFailed(MtlsError):
+    pass
+
+
 def _on_sigterm(signum: int, frame: object) -> NoReturn:
     raise KeyboardInterrupt
 

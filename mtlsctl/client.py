@@ -34,6 +34,11 @@ class IssueRequest:
     p12: str
     sans: tuple[str, ...] = ()
     password: str | None = field(default=None, repr=False)  # None: generate one
+    kind: str = "client"  # "server": v3_server (serverAuth), no PKCS#12 bundle
+
+    @property
+    def extensions(self) -> str:
+        return "v3_server" if self.kind == "server" else "v3_client"
 
 
 @dataclass(frozen=True)
@@ -44,8 +49,8 @@ class IssueResult:
     key: Path
     csr: Path
     crt: Path
-    p12: Path
-    p12_profile: str
+    p12: Path | None
+    p12_profile: str | None
     password: str | None = field(repr=False)  # only when generated
     sans: tuple[str, ...] = ()
 
@@ -55,7 +60,8 @@ class IssuedButExportFailed(MtlsError):
 
 
 def build_request(settings: Settings, name: str, *, days: int | None = None, key_type: str | None = None,
-                  p12: str | None = None, sans: tuple[str, ...] | list[str] = (), password: str | None = None) -> IssueRequest:
+                  p12: str | None = None, sans: tuple[str, ...] | list[str] = (), password: str | None = None,
+                  kind: str = "client") -> IssueRequest:
     """Validate user input against the profile's defaults (raises InputError, writes nothing)."""
     clients = settings.profile.clients
     key = clients.key_spec
@@ -72,19 +78,33 @@ def build_request(settings: Settings, name: str, *, days: int | None = None, key
         p12=p12 or clients.p12,
         sans=tuple(validate.sans(list(sans))),
         password=password,
+        kind=kind,
     )
 
 
 def issue_commands(req: IssueRequest) -> list[Command]:
-    """The openssl commands add-client runs, in order (what --dry-run prints)."""
+    """The openssl commands add-client (or add-server) runs, in order (what --dry-run prints)."""
     files = ClientFiles(req.name)
-    return [
+    cmds = [
         openssl.genkey(files.key, req.key),
         openssl.client_csr(files.key, files.csr, req.name, req.sans),
-        openssl.ca_sign(files.csr, files.crt, req.days),
-        openssl.pkcs12_export(req.name, files.key, files.crt, files.p12, req.password, req.p12),
-        openssl.pkcs12_check(files.p12, req.password, req.p12),
+        openssl.ca_sign(files.csr, files.crt, req.days, extensions=req.extensions),
     ]
+    if req.kind == "client":
+        cmds += [
+            openssl.pkcs12_export(req.name, files.key, files.crt, files.p12, req.password, req.p12),
+            openssl.pkcs12_check(files.p12, req.password, req.p12),
+        ]
+    return cmds
+
+
+def require_server_section(pki: Pki) -> None:
+    """A PKI whose openssl.cnf predates add-server (or was written by hand) has no [ v3_server ]."""
+    if "[ v3_server ]" not in pki.path(pki.openssl_cnf).read_text(errors="replace"):
+        raise InputError(
+            f"{pki.path(pki.openssl_cnf)} has no [ v3_server ] section",
+            hint="add the [ v3_server ] section from mtlsctl's openssl.cnf.template (CA:FALSE, serverAuth) and run again",
+        )
 
 
 def _refuse_conflicts(pki: Pki, name: str) -> None:
@@ -151,9 +171,11 @@ def issue_client(settings: Settings, req: IssueRequest, runner: Runner) -> Issue
     pki = settings.pki
     pki.require_ca()
     _refuse_conflicts(pki, req.name)
+    if req.kind == "server":
+        require_server_section(pki)
     password = req.password if req.password is not None else generate_password()
     files = ClientFiles(req.name)
-    keygen, csr, sign, _, _ = issue_commands(req)
+    keygen, csr, sign = issue_commands(req)[:3]
     with pki_lock(pki.lock_path), Transaction() as tx:
         _refuse_conflicts(pki, req.name)  # again, under the lock
         tx.may_create(pki.path(files.key))
@@ -164,6 +186,11 @@ def issue_client(settings: Settings, req: IssueRequest, runner: Runner) -> Issue
         os.chmod(pki.path(files.csr), MODE_PUBLIC)
         row = sign_into_database(pki, sign, req.name, files.crt, runner, tx)
         tx.checkpoint()  # issued: the key, CSR, certificate and database change stay
+        if req.kind == "server":
+            return IssueResult(
+                name=req.name, serial=row.serial, not_after=row.expires, key=pki.path(files.key),
+                csr=pki.path(files.csr), crt=pki.path(files.crt), p12=None, p12_profile=None, password=None, sans=req.sans,
+            )
         try:
             write_p12(pki, req.name, files.p12, password, req.p12, runner, tx)
         except MtlsError as exc:

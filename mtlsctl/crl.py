@@ -96,6 +96,16 @@ def read_crl_info(pki: Pki, runner: Runner) -> CrlInfo | None:
     return parse_crl_text(runner.run(crl_text_command(), cwd=pki.root).stdout)
 
 
+def read_crl_info_or_none(pki: Pki, runner: Runner) -> CrlInfo | None:
+    """Like read_crl_info, but an unreadable CRL counts as missing (so it gets regenerated)."""
+    from mtlsctl.errors import MtlsError
+
+    try:
+        return read_crl_info(pki, runner)
+    except MtlsError:
+        return None
+
+
 def is_due(info: CrlInfo | None, refresh_within_days: int, now: datetime | None = None) -> bool:
     """A CRL is due when missing or when its nextUpdate is within the refresh window."""
     now = now or datetime.now(timezone.utc)
@@ -113,7 +123,7 @@ def refresh_crl(pki: Pki, profile: Profile, runner: Runner, *, if_due: bool, now
     now = now or datetime.now(timezone.utc)
     pki.require_ca()
     with pki_lock(pki.lock_path):
-        current = read_crl_info(pki, runner)
+        current = read_crl_info_or_none(pki, runner)
         if if_due and not is_due(current, profile.crl.refresh_within_days, now):
             assert current is not None
             return CrlResult(False, current)

@@ -14,7 +14,7 @@ from datetime import datetime, timedelta, timezone
 
 from mtlsctl import db, openssl, validate
 from mtlsctl.client import generate_password, sign_into_database
-from mtlsctl.crl import CrlInfo, generate_crl, is_due, read_crl_info
+from mtlsctl.crl import CrlInfo, generate_crl, is_due, read_crl_info, read_crl_info_or_none
 from mtlsctl.errors import InputError, MtlsError, StateError
 from mtlsctl.files import MODE_PUBLIC, MODE_SECRET, Transaction, atomic_write, normalize_modes, pki_lock
 from mtlsctl.pki import DB_FILES_WITH_BACKUPS, ClientFiles, Pki, Settings
@@ -56,6 +56,16 @@ def cert_file(pki: Pki, row: db.IndexRow) -> str:
     if pki.path(newcert).exists():
         return newcert
     raise StateError(f"no file holds the certificate with serial {row.serial}", hint=f"{newcert} is missing")
+
+
+def is_server_cert(pki: Pki, row: db.IndexRow, runner: Runner) -> bool:
+    """Was this row issued with v3_server? `openssl ca -out` writes a text dump above the PEM, so the
+    archived newcerts/SERIAL.pem says so without running openssl; a file without the dump is asked."""
+    path = pki.path(f"newcerts/{row.serial}.pem")
+    text = path.read_text(errors="replace") if path.exists() else ""
+    if "X509v3 extensions:" not in text:
+        text = runner.run(Command(("openssl", "x509", "-in", cert_file(pki, row), "-noout", "-text")), cwd=pki.root).stdout
+    return "TLS Web Server Authentication" in text
 
 
 def revoke_command(cert: str, why: str) -> Command:
@@ -242,9 +252,9 @@ def _archive_name(pki: Pki, crt: str, now: datetime) -> str:
     return candidate
 
 
-def renew_commands(name: str, days: int) -> list[Command]:
+def renew_commands(name: str, days: int, extensions: str = "v3_client") -> list[Command]:
     files = ClientFiles(name)
-    return [openssl.ca_sign(files.csr, files.crt, days)]
+    return [openssl.ca_sign(files.csr, files.crt, days, extensions=extensions)]
 
 
 def _allow_overlap(pki: Pki, tx: Transaction) -> None:
@@ -266,6 +276,7 @@ def _renew_one(settings: Settings, row: db.IndexRow, days: int, now: datetime, r
     if not pki.path(files.csr).exists():
         raise StateError(f"CSR not found at {files.csr}; cannot renew automatically",
                          hint=f"issue a new certificate: mtlsctl revoke {name} && mtlsctl add-client {name}")
+    server = is_server_cert(pki, row, runner)
     with Transaction() as tx:
         _allow_overlap(pki, tx)
         archived = _archive_name(pki, files.crt, now)
@@ -273,7 +284,8 @@ def _renew_one(settings: Settings, row: db.IndexRow, days: int, now: datetime, r
         tx.created(pki.path(archived))
         shutil.copy2(pki.path(source), pki.path(archived))
         tx.snapshot(pki.path(files.crt))
-        new_row = sign_into_database(pki, openssl.ca_sign(files.csr, files.crt, days), name, files.crt, runner, tx)
+        sign = openssl.ca_sign(files.csr, files.crt, days, extensions="v3_server" if server else "v3_client")
+        new_row = sign_into_database(pki, sign, name, files.crt, runner, tx)
         tx.checkpoint()  # the new certificate is issued: keep it whatever happens next
     result = Renewed(name, row.serial, new_row.serial, new_row.expires, archived)
     problems = []
@@ -284,7 +296,9 @@ def _renew_one(settings: Settings, row: db.IndexRow, days: int, now: datetime, r
                 tx.checkpoint()
         except MtlsError as exc:
             problems.append(f"the old certificate {row.serial} was not revoked: {exc.message}")
-    if pki.path(files.key).exists():
+    if server:
+        result.warning = "server certificate: reload nginx to serve the new one"
+    elif pki.path(files.key).exists():
         try:
             result.password = generate_password()
             result.p12, result.password_file = _replace_p12(settings, name, result.password, runner)
@@ -341,7 +355,7 @@ def renew(settings: Settings, *, within_days: int | None = None, days: int | Non
     report = RenewReport()
     if dry_run:
         report.due = due_for_renewal(db.read_index(pki.path(pki.index)), within, now)
-        report.crl = read_crl_info(pki, runner)
+        report.crl = read_crl_info_or_none(pki, runner)
         report.crl_regenerated = bool(report.due) or is_due(report.crl, profile.crl.refresh_within_days, now)
         return report
     with pki_lock(pki.lock_path):
@@ -354,7 +368,7 @@ def renew(settings: Settings, *, within_days: int | None = None, days: int | Non
                 report.failed.append(RenewFailure(exc.result.name, exc.result.old_serial, exc.message))
             except MtlsError as exc:
                 report.failed.append(RenewFailure(row.cn or "", row.serial, exc.message))
-        current = read_crl_info(pki, runner)
+        current = read_crl_info_or_none(pki, runner)
         if report.renewed or is_due(current, profile.crl.refresh_within_days, now):
             with Transaction() as tx:
                 generate_crl(pki, profile.crl.days, runner, tx, now)

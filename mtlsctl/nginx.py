@@ -1,13 +1,27 @@
-"""nginx: test the configuration, then reload (nginx reads the CRL only at start or reload)."""
+"""nginx: render the mTLS site from nginx/ templates, test the configuration, reload, and confirm.
+
+nginx reads the CRL only at start or reload, and a reload whose new configuration fails (a broken
+CRL, say) fails silently: the old workers keep running with the old CRL (FIELD-NOTES). So a reload
+here is: test command, reload command, then wait for the master to start new workers; no new
+workers means the reload did not take effect, and that is an error.
+"""
 
 from __future__ import annotations
 
+import os
+import re
 import shlex
+import time
 from dataclasses import dataclass
+from pathlib import Path
 
-from mtlsctl.errors import ExternalCommandError
-from mtlsctl.profile import NginxProfile
+from mtlsctl.errors import ExternalCommandError, InputError
+from mtlsctl.pki import Pki
+from mtlsctl.profile import NginxProfile, RateLimit, nginx_safe
 from mtlsctl.runner import run_argv
+from mtlsctl.templates import render_file
+
+FORBIDDEN_403 = "Valid certificate, but not authorized for this resource."
 
 
 @dataclass(frozen=True)
@@ -16,21 +30,173 @@ class ReloadOutcome:
     detail: str  # what happened, in words
 
 
-def test_and_reload(nginx: NginxProfile) -> ReloadOutcome:
-    """Run the test command; reload only when it passes.
+# ------------------------------------------------------------------ render
+
+
+def site_id(server_name: str) -> str:
+    """A name for this site's variables, zones and log format (several sites can share http {})."""
+    return "mtls_" + (re.sub(r"[^a-z0-9]+", "_", server_name.lower()).strip("_")[:40] or "site")
+
+
+def _listen_lines(listen: str, http2: bool) -> str:
+    params = " ssl http2" if http2 else " ssl"
+    if listen.isdigit():
+        return f"    listen {listen}{params};\n    listen [::]:{listen}{params};"
+    return f"    listen {listen}{params};"
+
+
+def _allow_entry(entry: str) -> str:
+    if entry.startswith("~"):
+        pattern = entry[1:].removeprefix("^").removesuffix("$")
+        return f'    "~^{pattern}$" 1;'
+    return f'    "{entry}" 1;'
+
+
+def render_site(pki: Pki, nginx: NginxProfile, *, verify_client: str | None = None,
+                rate_limit: RateLimit | None = None) -> tuple[str, list[str]]:
+    """The site file for the http {} context, and warnings for the admin."""
+    verify = verify_client or nginx.verify_client
+    if verify not in ("on", "optional"):
+        raise InputError(f"--verify-client {verify!r} is not allowed", hint="use on or optional (optional_no_ca admits self-signed certificates)")
+    for rel in (pki.ca_cert, pki.crl):
+        try:
+            nginx_safe(str(pki.path(rel)), "path")
+        except ValueError as exc:
+            raise InputError(f"the PKI path {pki.root} cannot be written into nginx config: {exc}",
+                             hint="use a PKI directory without spaces, quotes, $ or ;") from None
+    limit = rate_limit or nginx.rate_limit
+    site = site_id(nginx.server_name)
+    warnings: list[str] = []
+    snippets: list[str] = []
+    checks: list[str] = []
+    if nginx.allow:
+        snippets.append(render_file("nginx/allowlist.conf.template", {
+            "site": site,
+            "entries": "\n".join(_allow_entry(e) for e in nginx.allow),
+            "anonymous": '    "NONE:0" 0;\n' if verify == "optional" else "",
+            "deny_note": ("Anonymous clients reach the application (ssl_verify_client optional); a verified "
+                          "but unlisted client gets 403." if verify == "optional" else
+                          "Only verified and allowlisted clients pass (ssl_verify_client on)."),
+        }))
+        checks.append(f'        if (${site}_deny) {{\n            return 403 "{FORBIDDEN_403}";\n        }}')
+    if limit is not None:
+        if verify == "on":
+            warnings.append("rate_limit with verify_client on: nginx rejects unverified clients before the limiter "
+                            "runs, so the limit applies to nobody; use --verify-client optional (the guide's note)")
+        key_source, exempt = ((f'"$ssl_client_verify:${site}_allowed"', '"SUCCESS:1"') if nginx.allow
+                              else ("$ssl_client_verify", '"SUCCESS"'))
+        snippets.append(render_file("nginx/ratelimit.conf.template", {
+            "site": site, "zone": f"{site}_req", "rate": limit.rate, "key_source": key_source, "exempt": exempt,
+            "allow_note": " and allowlisted" if nginx.allow else "",
+        }))
+        checks.append(f"        limit_req zone={site}_req burst={limit.burst} nodelay;\n        limit_req_status 429;")
+    if not nginx.crl:
+        warnings.append("nginx.crl is false: revoked certificates are ACCEPTED by nginx")
+    crl_line = (f"    ssl_crl {pki.path(pki.crl)};\n" if nginx.crl else
+                "    # ssl_crl is off (nginx.crl: false in the profile): revoked certificates are accepted!\n")
+    text = render_file("nginx/site.conf.template", {
+        "server_name": nginx.server_name,
+        "site": site,
+        "http_snippets": "".join(snippets),
+        "listen": _listen_lines(nginx.listen, nginx.http2),
+        "server_cert": nginx.server_cert,
+        "server_key": nginx.server_key,
+        "client_ca": str(pki.path(pki.ca_cert)),
+        "verify_client": verify,
+        "verify_depth": str(nginx.verify_depth),
+        "crl": crl_line,
+        "session_timeout": nginx.session_timeout,
+        "access_log": nginx.access_log,
+        "error_log": nginx.error_log,
+        "location_checks": ("\n\n".join(checks) + "\n") if checks else "",
+        "upstream": nginx.upstream,
+    })
+    return text, warnings
+
+
+# ------------------------------------------------------------------ test and reload
+
+
+def check(nginx: NginxProfile) -> str:
+    """Run the profile's test command (`nginx -t`); raise with nginx's own message when it fails."""
+    if not nginx.test_command:
+        return "no test: nginx.test_command is empty in the profile"
+    result = run_argv(shlex.split(nginx.test_command), check=False)
+    output = (result.stderr + result.stdout).strip()
+    if result.returncode != 0:
+        lines = [line for line in output.splitlines() if "[emerg]" in line or "failed" in line] or output.splitlines()
+        raise ExternalCommandError(
+            f"`{nginx.test_command}` failed: {lines[0].strip() if lines else 'no output'}",
+            hint="fix the nginx configuration; nginx keeps running the old one",
+        )
+    return output or "ok"
+
+
+def master_pid(pid_file: str) -> int | None:
+    try:
+        pid = int(Path(pid_file).read_text().strip())
+    except (OSError, ValueError):
+        return None
+    return pid if Path(f"/proc/{pid}").exists() else None
+
+
+def worker_pids(master: int) -> set[int]:
+    """Children of the nginx master, read from /proc (Linux)."""
+    out = set()
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = Path(entry.path, "stat").read_text()
+        except OSError:
+            continue
+        fields = stat.rsplit(")", 1)[-1].split()
+        if len(fields) > 1 and fields[1] == str(master):
+            out.add(int(entry.name))
+    return out
+
+
+def reload(nginx: NginxProfile, *, test: bool = True, timeout: float = 10.0) -> ReloadOutcome:
+    """Test, reload, then confirm that the master started new workers.
 
     Raises:
-        ExternalCommandError: the test failed (nothing reloaded) or the reload failed.
+        ExternalCommandError: the test failed (nothing reloaded), the reload command failed, or nginx
+        did not start new workers (the new configuration or CRL was rejected; the old one still runs).
     """
     if not nginx.reload_command:
         return ReloadOutcome(False, "no reload: nginx.reload_command is empty in the profile")
-    if nginx.test_command:
-        result = run_argv(shlex.split(nginx.test_command), check=False)
-        if result.returncode != 0:
-            last = (result.stderr or result.stdout).strip().splitlines()
-            raise ExternalCommandError(
-                f"`{nginx.test_command}` failed, so nginx was not reloaded: {last[-1] if last else 'no output'}",
-                hint="fix the nginx configuration, then run the reload command yourself",
-            )
+    if test:
+        try:
+            check(nginx)
+        except ExternalCommandError as exc:
+            raise ExternalCommandError(f"{exc.message}, so nginx was not reloaded", hint=exc.hint) from None
+    master = master_pid(nginx.pid_file)
+    before = worker_pids(master) if master else None
     run_argv(shlex.split(nginx.reload_command))
-    return ReloadOutcome(True, f"ran `{nginx.reload_command}`")
+    if master is None or before is None:
+        return ReloadOutcome(True, f"ran `{nginx.reload_command}` (not confirmed: no running master in {nginx.pid_file})")
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if worker_pids(master) - before:
+            break
+        time.sleep(0.05)
+    else:
+        raise ExternalCommandError(
+        f"nginx did not start new workers within {timeout:.0f}s of `{nginx.reload_command}`: the reload failed "
+        "and nginx still runs the old configuration and CRL",
+            hint="look for [emerg] in nginx's error log, fix it, then run `mtlsctl nginx reload`",
+        )
+    # An old worker keeps accepting connections until it handles the master's QUIT; right after the new
+    # workers appear, a new client can still meet the old CRL (seen: 403 instead of 400 for a client
+    # revoked a moment before). The reload has taken effect once the old workers are gone.
+    while time.monotonic() < deadline:
+        if not (worker_pids(master) & before):
+            return ReloadOutcome(True, f"ran `{nginx.reload_command}`; nginx replaced its workers")
+        time.sleep(0.05)
+    return ReloadOutcome(True, f"ran `{nginx.reload_command}`; nginx started new workers, old ones are still "
+                               "finishing long requests")
+
+
+def test_and_reload(nginx: NginxProfile) -> ReloadOutcome:
+    """After a CRL change: test, reload only when the test passes, confirm it took effect."""
+    return reload(nginx, test=True)

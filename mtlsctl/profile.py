@@ -6,6 +6,7 @@ mapping keeps the defaults for what it leaves out; the built-in defaults are exa
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal, Optional
 
@@ -151,18 +152,135 @@ def _command_line(value: Optional[str]) -> Optional[str]:
     return value
 
 
-class NginxProfile(_Strict):
-    """nginx integration. The nginx issue adds the site settings."""
+_NGINX_UNSAFE = set(";{}\"'`$\\")
+_TIME_RE = re.compile(r"^[0-9]+(ms|s|m|h|d)?$")
+_RATE_RE = re.compile(r"^[1-9][0-9]*r/[sm]$")
+_LISTEN_RE = re.compile(r"^(?:(?P<port>[0-9]{1,5})|(?P<v4>[0-9.]+):(?P<p4>[0-9]{1,5})|\[(?P<v6>[0-9A-Fa-f:.]+)\]:(?P<p6>[0-9]{1,5}))$")
+_UPSTREAM_RE = re.compile(r"^(https?://[A-Za-z0-9.\-\[\]:]+(/[A-Za-z0-9._~/%-]*)?|unix:/[A-Za-z0-9._/-]+)$")
 
+
+def nginx_safe(value: str, what: str = "value", allow_space: bool = False) -> str:
+    """Refuse what would inject nginx syntax: ; { } quotes $ \\ backticks, control characters."""
+    bad = sorted({c for c in value if c in _NGINX_UNSAFE or not c.isprintable() or (c.isspace() and not allow_space)})
+    if bad:
+        raise ValueError(f"{what} contains {', '.join(repr(c) for c in bad)}, which nginx would read as syntax")
+    if not value:
+        raise ValueError(f"{what} is empty")
+    return value
+
+
+class RateLimit(_Strict):
+    rate: str = Field(description="requests per second or minute for clients that are not verified, e.g. 5r/s")
+    burst: int = Field(default=10, ge=0, le=100000, description="requests queued above the rate before 429")
+
+    @field_validator("rate")
+    @classmethod
+    def _rate(cls, v: str) -> str:
+        if not _RATE_RE.match(v):
+            raise ValueError("must look like 5r/s or 300r/m")
+        return v
+
+
+class NginxProfile(_Strict):
+    """The mTLS site nginx serves (`mtlsctl nginx render`) and how mtlsctl tests and reloads nginx."""
+
+    server_name: str = Field(default="secure.example.com", description="nginx server_name")
+    listen: str = Field(default="443", description='"PORT" (IPv4 and [::]) or "ADDR:PORT" / "[V6]:PORT"')
+    http2: bool = Field(default=True, description="HTTP/2 on the listen socket (`listen ... ssl http2`, nginx 1.22 syntax)")
+    server_cert: str = Field(default="/etc/ssl/certs/secure.example.com.crt", description="ssl_certificate")
+    server_key: str = Field(default="/etc/ssl/private/secure.example.com.key", description="ssl_certificate_key")
+    verify_client: Literal["on", "optional"] = Field(
+        default="on", description="ssl_verify_client; optional_no_ca is refused (it admits self-signed certificates)")
+    verify_depth: int = Field(default=2, ge=1, le=10, description="ssl_verify_depth")
+    crl: bool = Field(default=True, description="ssl_crl <pki>/crl/ca.crl")
+    session_timeout: str = Field(default="10m", description="ssl_session_timeout: how long a revoked client can resume a session")
+    upstream: str = Field(default="http://127.0.0.1:8080", description="proxy_pass target")
+    allow: list[str] = Field(default_factory=list, description='exact DNs ("CN=iphone-jmrp") or "~REGEX" (anchored ^...$); empty: any valid certificate')
+    rate_limit: Optional[RateLimit] = Field(default=None, description="limit clients that are not verified (and allowlisted); verified ones bypass it")
+    access_log: str = Field(default="/var/log/nginx/secure.access.log", description="access log, with the client DN, serial and verify result")
+    error_log: str = Field(default="/var/log/nginx/secure.error.log", description="error log at level info (verify failures are logged only at info)")
     test_command: Optional[str] = Field(default="nginx -t", description="run before every reload; null or empty: skip")
     reload_command: Optional[str] = Field(
-        default="systemctl reload nginx", description="run after a CRL change when the test passes; null or empty: never reload"
-    )
+        default="systemctl reload nginx", description="run after a CRL change when the test passes; null or empty: never reload")
+    pid_file: str = Field(default="/run/nginx.pid", description="nginx master's pid file, to confirm a reload started new workers")
 
     @field_validator("test_command", "reload_command")
     @classmethod
     def _commands(cls, v: Optional[str]) -> Optional[str]:
         return _command_line(v)
+
+    @field_validator("server_name")
+    @classmethod
+    def _server_name(cls, v: str) -> str:
+        nginx_safe(v, "server_name", allow_space=True)
+        if v != v.strip():
+            raise ValueError("has leading or trailing spaces")
+        return v
+
+    @field_validator("server_cert", "server_key", "access_log", "error_log", "pid_file")
+    @classmethod
+    def _path(cls, v: str) -> str:
+        nginx_safe(v, "path")
+        if not v.startswith("/"):
+            raise ValueError("must be an absolute path")
+        if "/../" in v + "/":
+            raise ValueError("must not contain '..'")
+        return v
+
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, v: str) -> str:
+        m = _LISTEN_RE.match(v)
+        if not m:
+            raise ValueError('must be "PORT", "ADDR:PORT" or "[IPV6]:PORT"')
+        port = int(m.group("port") or m.group("p4") or m.group("p6"))
+        if not 1 <= port <= 65535:
+            raise ValueError("port must be 1..65535")
+        import ipaddress
+
+        addr = m.group("v4") or m.group("v6")
+        if addr:
+            try:
+                ipaddress.ip_address(addr)
+            except ValueError:
+                raise ValueError(f"{addr!r} is not an IP address") from None
+        return v
+
+    @field_validator("session_timeout")
+    @classmethod
+    def _time(cls, v: str) -> str:
+        if not _TIME_RE.match(v):
+            raise ValueError("must be an nginx time such as 10m, 300s or 1h")
+        return v
+
+    @field_validator("upstream")
+    @classmethod
+    def _upstream(cls, v: str) -> str:
+        nginx_safe(v, "upstream")
+        if not _UPSTREAM_RE.match(v):
+            raise ValueError("must be http://HOST[:PORT][/PATH], https://... or unix:/PATH")
+        return v
+
+    @field_validator("allow")
+    @classmethod
+    def _allow(cls, v: list[str]) -> list[str]:
+        for entry in v:
+            if not isinstance(entry, str) or not entry:
+                raise ValueError("entries must be non-empty strings")
+            if entry.startswith("~"):
+                pattern = entry[1:].removeprefix("^").removesuffix("$")
+                if not pattern or any(c in pattern for c in ";{}\"'`$\n\r") or not pattern.isprintable():
+                    raise ValueError(f"regex {entry!r} is empty or contains ; {{ }} quotes or a line break")
+                try:
+                    re.compile(pattern)
+                except re.error as exc:
+                    raise ValueError(f"regex {entry!r} does not compile: {exc}") from None
+            else:
+                if any(c in entry for c in ";{}\"'`$\\\n\r") or not entry.isprintable():
+                    raise ValueError(f"DN {entry!r} contains ; {{ }} quotes $ \\ or a line break")
+                if "=" not in entry:
+                    raise ValueError(f"DN {entry!r} is not a DN such as CN=iphone-jmrp (or start it with ~ for a regex)")
+        return v
 
 
 class Profile(_Strict):

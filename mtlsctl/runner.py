@@ -180,6 +180,17 @@ class Runner:
             self.reporter.tick(label, time.monotonic() - start)
 
 
+def spawn(argv: Sequence[str], cwd: Path | None = None, log: Path | None = None) -> subprocess.Popen[bytes]:
+    """Start a long-running helper (the demo's nginx or echo backend) in its own session."""
+    out = open(log, "ab") if log is not None else subprocess.DEVNULL  # noqa: SIM115 - handed to the child
+    try:
+        return subprocess.Popen(list(argv), cwd=str(cwd) if cwd else None, stdin=subprocess.DEVNULL, stdout=out,
+                                stderr=subprocess.STDOUT, env=child_env(), start_new_session=True)
+    finally:
+        if log is not None:
+            out.close()  # type: ignore[union-attr]
+
+
 def run_argv(argv: Sequence[str], cwd: Path | None = None, check: bool = True) -> Result:
     """Run a non-secret command (nginx -t, a reload command) without a shell."""
     return Runner().run(Command(tuple(argv)), cwd=cwd, check=check)
