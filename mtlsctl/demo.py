@@ -117,7 +117,7 @@ class LocalNginx:
         pid = self.master()
         if pid is None:
             return
-        run_argv(self.argv("-s", "quit"), check=False)
+        run_argv(self.argv("-s", "stop"), check=False)  # fast shutdown: this nginx is ours
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline and Path(f"/proc/{pid}").exists():
             time.sleep(0.05)

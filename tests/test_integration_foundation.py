@@ -239,7 +239,9 @@ def test_wheel_ships_the_templates_and_runs_from_another_directory(tmp_path):
     assert build.returncode == 0, build.stderr[-2000:]
     wheel = next(wheel_dir.glob("mtlsctl-*.whl"))
     names = zipfile.ZipFile(wheel).namelist()
-    assert "mtlsctl/_templates/openssl.cnf.template" in names
+    for template in ("openssl.cnf.template", "nginx/site.conf.template", "nginx/allowlist.conf.template",
+                     "nginx/ratelimit.conf.template", "nginx/demo-nginx.conf.template", "scripts/mtls-renew.sh"):
+        assert f"mtlsctl/_templates/{template}" in names, template
     site = tmp_path / "site"
     zipfile.ZipFile(wheel).extractall(site)
     elsewhere = tmp_path / "elsewhere"
