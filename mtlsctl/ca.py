@@ -18,6 +18,7 @@ from mtlsctl.files import (
     Transaction,
     atomic_write,
     pki_lock,
+    produce,
 )
 from mtlsctl.pki import DIRS, Pki, Settings
 from mtlsctl.profile import dump_profile
@@ -55,12 +56,16 @@ def init_commands(settings: Settings, now: datetime | None = None) -> list[Comma
     ]
 
 
-def _refuse_existing(pki: Pki, config_text: str) -> None:
+def refuse_existing_ca(pki: Pki) -> None:
     if pki.has_ca():
         raise InputError(
             f"a CA already exists in {pki.root}",
             hint="mtlsctl never overwrites a CA; use another --pki-dir, or remove the old PKI yourself",
         )
+
+
+def _refuse_existing(pki: Pki, config_text: str) -> None:
+    refuse_existing_ca(pki)
     # A directory prepared by hand with the guide's first step is fine; anything else is not ours to replace.
     for rel, content in {**INITIAL_FILES, pki.openssl_cnf: config_text}.items():
         path = pki.path(rel)
@@ -110,12 +115,8 @@ def init_pki(settings: Settings, runner: Runner, now: datetime | None = None) ->
                     tx.created(path)
                     atomic_write(path, content, MODE_PUBLIC)
             keygen, selfsign, _ = init_commands(settings, now)
-            tx.created(pki.path(pki.ca_key))
-            runner.run(keygen, cwd=pki.root)
-            os.chmod(pki.path(pki.ca_key), MODE_CA_KEY)
-            tx.created(pki.path(pki.ca_cert))
-            runner.run(selfsign, cwd=pki.root)
-            os.chmod(pki.path(pki.ca_cert), MODE_PUBLIC)
+            produce(tx, pki.path(pki.ca_key), MODE_CA_KEY, lambda: runner.run(keygen, cwd=pki.root))
+            produce(tx, pki.path(pki.ca_cert), MODE_PUBLIC, lambda: runner.run(selfsign, cwd=pki.root))
             tx.created(pki.path(pki.crl))
             generate_crl(pki, profile.crl.days, runner, tx, now)
             tx.created(pki.path(pki.profile))

@@ -13,7 +13,7 @@ import signal
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NoReturn, Optional
+from typing import Any, NoReturn
 
 import click
 import typer
@@ -49,8 +49,8 @@ app = typer.Typer(
 
 @dataclass
 class GlobalOptions:
-    pki_dir: Optional[Path]
-    profile: Optional[Path]
+    pki_dir: Path | None
+    profile: Path | None
     debug: bool
 
 
@@ -101,7 +101,7 @@ def _info(message: str) -> None:
     print(message, file=sys.stderr)
 
 
-def _read_password(password_stdin: bool, password_file: Optional[Path]) -> Optional[str]:
+def _read_password(password_stdin: bool, password_file: Path | None) -> str | None:
     """The export password from stdin or a file; None means "generate one"."""
     from mtlsctl import validate
 
@@ -137,11 +137,11 @@ def _version(value: bool) -> None:
 @app.callback()
 def _global(
     ctx: typer.Context,
-    pki_dir: Optional[Path] = typer.Option(
+    pki_dir: Path | None = typer.Option(
         None, "--pki-dir", envvar="PKI_DIR", metavar="DIR",
         help="The PKI directory. Order: --pki-dir, $PKI_DIR, the profile's pki_dir, /etc/nginx/pki.",
     ),
-    profile: Optional[Path] = typer.Option(
+    profile: Path | None = typer.Option(
         None, "--profile", envvar="MTLSCTL_PROFILE", metavar="FILE",
         help="YAML site profile. Order: --profile, $MTLSCTL_PROFILE, <pki-dir>/mtls.yaml, built-in defaults (the guide's).",
     ),
@@ -177,12 +177,12 @@ def init(
 
     settings = _settings(ctx)
     if dry_run:
+        ca.refuse_existing_ca(settings.pki)
         _print_dry_run(
             settings.pki.root, ca.init_commands(settings),
             [f"would create {settings.pki.root}/{{ca,certs,crl,private,newcerts}}, index.txt, index.txt.attr, "
              "serial, crlnumber, openssl.cnf, mtls.yaml", f"profile: {settings.profile_source}"],
         )
-        ca._refuse_existing(settings.pki, "")  if settings.pki.has_ca() else None
         return
     result = ca.init_pki(settings, _runner())
     if as_json:
@@ -206,11 +206,11 @@ def add_client(
     ctx: typer.Context,
     name: str = typer.Argument(..., help="Client name: becomes CN=NAME and the file names (letters, digits, . _ -)."),
     password_stdin: bool = typer.Option(False, "--password-stdin", help="Read the export password from standard input."),
-    password_file: Optional[Path] = typer.Option(None, "--password-file", metavar="FILE", help="Read the export password from FILE."),
-    days: Optional[int] = typer.Option(None, "--days", metavar="N", help="Validity in days (default: profile clients.days, 365)."),
+    password_file: Path | None = typer.Option(None, "--password-file", metavar="FILE", help="Read the export password from FILE."),
+    days: int | None = typer.Option(None, "--days", metavar="N", help="Validity in days (default: profile clients.days, 365)."),
     san: list[str] = typer.Option([], "--san", metavar="TYPE:VALUE", help="Subject alternative name (DNS, IP, email, URI); repeatable."),
-    key_type: Optional[str] = typer.Option(None, "--key-type", metavar="rsa|ec", help="Key type (default: profile clients.key)."),
-    p12: Optional[str] = typer.Option(None, "--p12", metavar="PROFILE", help=P12_HELP),
+    key_type: str | None = typer.Option(None, "--key-type", metavar="rsa|ec", help="Key type (default: profile clients.key)."),
+    p12: str | None = typer.Option(None, "--p12", metavar="PROFILE", help=P12_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object (with the password when generated)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the openssl commands and change nothing."),
 ) -> None:
@@ -229,15 +229,11 @@ def add_client(
     """
     from mtlsctl import client
 
-    if key_type is not None and key_type not in ("rsa", "ec"):
-        raise InputError(f"--key-type {key_type!r} is not a key type", hint="use rsa or ec")
     settings = _settings(ctx)
     password = None if dry_run else _read_password(password_stdin, password_file)
     req = client.build_request(settings, name, days=days, key_type=key_type, p12=p12, sans=san, password=password)
     if dry_run:
-        settings.pki.require_ca()
-        client._refuse_conflicts(settings.pki, req.name)
-        _print_dry_run(settings.pki.root, client.issue_commands(req))
+        _print_dry_run(settings.pki.root, client.plan_issue(settings, req))
         return
     result = client.issue_client(settings, req, _runner())
     if as_json:
@@ -264,9 +260,9 @@ def export(
     ctx: typer.Context,
     name: str = typer.Argument(..., help="An issued client's name."),
     password_stdin: bool = typer.Option(False, "--password-stdin", help="Read the export password from standard input."),
-    password_file: Optional[Path] = typer.Option(None, "--password-file", metavar="FILE", help="Read the export password from FILE."),
-    p12: Optional[str] = typer.Option(None, "--p12", metavar="PROFILE", help=P12_HELP),
-    out: Optional[Path] = typer.Option(None, "--out", metavar="FILE", help="Write the bundle here instead of certs/NAME.p12."),
+    password_file: Path | None = typer.Option(None, "--password-file", metavar="FILE", help="Read the export password from FILE."),
+    p12: str | None = typer.Option(None, "--p12", metavar="PROFILE", help=P12_HELP),
+    out: Path | None = typer.Option(None, "--out", metavar="FILE", help="Write the bundle here instead of certs/NAME.p12."),
     force: bool = typer.Option(False, "--force", help="Replace an existing bundle."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object (with the password when generated)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the openssl commands and change nothing."),
@@ -316,7 +312,7 @@ def _crl_line(info: Any) -> str:
     return f"next update {info.next_update:%Y-%m-%d %H:%M} UTC ({left:.0f} days), CRL number {info.crl_number}, {info.revoked} revoked"
 
 
-def _reload(settings: Any, changed: bool, no_reload: bool) -> tuple[bool, Optional[str]]:
+def _reload(settings: Any, changed: bool, no_reload: bool) -> tuple[bool, str | None]:
     """After a CRL change: nginx test, then reload. Returns (reloaded, error message)."""
     from mtlsctl.nginx import test_and_reload
 
@@ -331,7 +327,7 @@ def _reload(settings: Any, changed: bool, no_reload: bool) -> tuple[bool, Option
     return outcome.reloaded, None
 
 
-def _finish_reload(reloaded: bool, error: Optional[str], as_json: bool) -> None:
+def _finish_reload(reloaded: bool, error: str | None, as_json: bool) -> None:
     if error:
         raise ReloadFailed(f"{error}; nginx still uses the old CRL", hint="fix nginx, then run the reload command (or `mtlsctl crl` again)")
     if reloaded and not as_json:
@@ -348,8 +344,8 @@ NO_RELOAD_HELP = "Do not run the profile's nginx test and reload commands."
 @app.command()
 def revoke(
     ctx: typer.Context,
-    name: Optional[str] = typer.Argument(None, help="Client name: revokes its valid certificate(s)."),
-    serial: Optional[str] = typer.Option(None, "--serial", metavar="HEX", help="Revoke this serial instead of a name."),
+    name: str | None = typer.Argument(None, help="Client name: revokes its valid certificate(s)."),
+    serial: str | None = typer.Option(None, "--serial", metavar="HEX", help="Revoke this serial instead of a name."),
     reason: str = typer.Option("unspecified", "--reason", metavar="REASON",
                                help="unspecified, keyCompromise, CACompromise, affiliationChanged, superseded, "
                                     "cessationOfOperation or certificateHold."),
@@ -451,8 +447,8 @@ def crl(
 @app.command("list")
 def list_(
     ctx: typer.Context,
-    status: Optional[str] = typer.Option(None, "--status", metavar="STATUS", help="Only valid, revoked or expired."),
-    expiring_within: Optional[int] = typer.Option(None, "--expiring-within", metavar="DAYS", help="Only valid certificates expiring within DAYS."),
+    status: str | None = typer.Option(None, "--status", metavar="STATUS", help="Only valid, revoked or expired."),
+    expiring_within: int | None = typer.Option(None, "--expiring-within", metavar="DAYS", help="Only valid certificates expiring within DAYS."),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON array (name, serial, status, not_after, days_left, revoked_at, reason, subject, files)."),
 ) -> None:
     """List every certificate in index.txt (read directly: no openssl run per certificate).
@@ -500,8 +496,8 @@ def list_(
 @app.command()
 def renew(
     ctx: typer.Context,
-    within: Optional[int] = typer.Option(None, "--within", metavar="DAYS", help="Renew what expires within DAYS (default: renew.within_days, 30)."),
-    days: Optional[int] = typer.Option(None, "--days", metavar="N", help="Validity of the new certificates (default: renew.days, 365)."),
+    within: int | None = typer.Option(None, "--within", metavar="DAYS", help="Renew what expires within DAYS (default: renew.within_days, 30)."),
+    days: int | None = typer.Option(None, "--days", metavar="N", help="Validity of the new certificates (default: renew.days, 365)."),
     show_passwords: bool = typer.Option(False, "--show-passwords", help="Print the new PKCS#12 passwords (default: only the 0600 files that hold them)."),
     no_reload: bool = typer.Option(False, "--no-reload", help=NO_RELOAD_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print renewed, failed, crl and reloaded as JSON."),
@@ -610,8 +606,8 @@ def add_server(
     ctx: typer.Context,
     name: str = typer.Argument(..., help="Server name: becomes CN=NAME and certs/NAME.crt, private/NAME.key."),
     san: list[str] = typer.Option([], "--san", metavar="DNS:NAME|IP:ADDR", help="Subject alternative name; repeatable (default: DNS:NAME)."),
-    days: Optional[int] = typer.Option(None, "--days", metavar="N", help="Validity in days (default: profile clients.days, 365)."),
-    key_type: Optional[str] = typer.Option(None, "--key-type", metavar="rsa|ec", help="Key type (default: profile clients.key)."),
+    days: int | None = typer.Option(None, "--days", metavar="N", help="Validity in days (default: profile clients.days, 365)."),
+    key_type: str | None = typer.Option(None, "--key-type", metavar="rsa|ec", help="Key type (default: profile clients.key)."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the openssl commands and change nothing."),
 ) -> None:
@@ -627,8 +623,6 @@ def add_server(
     """
     from mtlsctl import client
 
-    if key_type is not None and key_type not in ("rsa", "ec"):
-        raise InputError(f"--key-type {key_type!r} is not a key type", hint="use rsa or ec")
     settings = _settings(ctx)
     sans = list(san) or [f"DNS:{name}"]
     for entry in sans:
@@ -636,9 +630,7 @@ def add_server(
             raise InputError(f"--san {entry!r}: a server certificate takes DNS: or IP: names", hint="e.g. --san DNS:host.example")
     req = client.build_request(settings, name, days=days, key_type=key_type, sans=sans, kind="server")
     if dry_run:
-        settings.pki.require_ca()
-        client._refuse_conflicts(settings.pki, req.name)
-        _print_dry_run(settings.pki.root, client.issue_commands(req))
+        _print_dry_run(settings.pki.root, client.plan_issue(settings, req))
         return
     result = client.issue_client(settings, req, _runner())
     if as_json:
@@ -658,10 +650,10 @@ app.add_typer(nginx_app, name="nginx")
 @nginx_app.command("render")
 def nginx_render(
     ctx: typer.Context,
-    out: Optional[Path] = typer.Option(None, "--out", metavar="FILE", help="Write here atomically (e.g. /etc/nginx/conf.d/mtls.conf); default: stdout."),
-    verify_client: Optional[str] = typer.Option(None, "--verify-client", metavar="on|optional", help="Override nginx.verify_client."),
-    rate_limit: Optional[str] = typer.Option(None, "--rate-limit", metavar="RATE", help="Rate limit for unverified clients, e.g. 5r/s (overrides nginx.rate_limit)."),
-    burst: Optional[int] = typer.Option(None, "--burst", metavar="N", help="Burst for --rate-limit (default 10)."),
+    out: Path | None = typer.Option(None, "--out", metavar="FILE", help="Write here atomically (e.g. /etc/nginx/conf.d/mtls.conf); default: stdout."),
+    verify_client: str | None = typer.Option(None, "--verify-client", metavar="on|optional", help="Override nginx.verify_client."),
+    rate_limit: str | None = typer.Option(None, "--rate-limit", metavar="RATE", help="Rate limit for unverified clients, e.g. 5r/s (overrides nginx.rate_limit)."),
+    burst: int | None = typer.Option(None, "--burst", metavar="N", help="Burst for --rate-limit (default 10)."),
 ) -> None:
     """Render the site (server block, allowlist and rate-limit maps, log format) for the http {} context.
 
@@ -745,7 +737,7 @@ def nginx_reload(
 @app.command()
 def demo(
     directory: Path = typer.Option(Path("mtls-demo"), "--dir", metavar="DIR", help="Where to build the demo PKI (default ./mtls-demo)."),
-    port: Optional[int] = typer.Option(None, "--port", metavar="N", help="nginx port on 127.0.0.1 (default: a free one)."),
+    port: int | None = typer.Option(None, "--port", metavar="N", help="nginx port on 127.0.0.1 (default: a free one)."),
     keep: bool = typer.Option(False, "--keep", help="Leave nginx and the echo backend running."),
     as_json: bool = typer.Option(False, "--json", help="Print the outcomes as JSON."),
 ) -> None:
@@ -801,7 +793,7 @@ def _on_sigterm(signum: int, frame: object) -> NoReturn:
     raise KeyboardInterrupt
 
 
-def main(argv: Optional[list[str]] = None) -> NoReturn:
+def main(argv: list[str] | None = None) -> NoReturn:
     """Console entry point: the one error boundary."""
     from mtlsctl.files import set_private_umask
 

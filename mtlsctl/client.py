@@ -15,7 +15,7 @@ from pathlib import Path
 
 from mtlsctl import db, openssl, validate
 from mtlsctl.errors import InputError, MtlsError, StateError
-from mtlsctl.files import MODE_PUBLIC, MODE_SECRET, Transaction, normalize_modes, pki_lock
+from mtlsctl.files import MODE_PUBLIC, MODE_SECRET, Transaction, normalize_modes, pki_lock, produce
 from mtlsctl.pki import DB_FILES_WITH_BACKUPS, ClientFiles, Pki, Settings
 from mtlsctl.profile import KeySpec
 from mtlsctl.runner import Command, Runner
@@ -65,6 +65,8 @@ def build_request(settings: Settings, name: str, *, days: int | None = None, key
     """Validate user input against the profile's defaults (raises InputError, writes nothing)."""
     clients = settings.profile.clients
     key = clients.key_spec
+    if key_type is not None and key_type not in ("rsa", "ec"):
+        raise InputError(f"--key-type {key_type!r} is not a key type", hint="use rsa or ec")
     if key_type is not None and key_type != key.type:
         key = KeySpec(type=key_type).resolved(2048, "P-256")  # type: ignore[arg-type]
     if p12 is not None and p12 not in openssl.P12_FLAGS:
@@ -96,6 +98,15 @@ def issue_commands(req: IssueRequest) -> list[Command]:
             openssl.pkcs12_check(files.p12, req.password, req.p12),
         ]
     return cmds
+
+
+def plan_issue(settings: Settings, req: IssueRequest) -> list[Command]:
+    """What --dry-run shows: the same checks as a real run (CA present, no conflict), then the commands."""
+    settings.pki.require_ca()
+    if req.kind == "server":
+        require_server_section(settings.pki)
+    _refuse_conflicts(settings.pki, req.name)
+    return issue_commands(req)
 
 
 def require_server_section(pki: Pki) -> None:
@@ -154,9 +165,8 @@ def sign_into_database(pki: Pki, cmd: Command, name: str, crt: str, runner: Runn
 def write_p12(pki: Pki, name: str, out: str, password: str, profile: str, runner: Runner, tx: Transaction) -> None:
     """Export the bundle (mode 600), then read it back with the password."""
     files = ClientFiles(name)
-    tx.may_create(pki.path(out))
-    runner.run(openssl.pkcs12_export(name, files.key, files.crt, out, password, profile), cwd=pki.root)
-    os.chmod(pki.path(out), MODE_SECRET)
+    export = openssl.pkcs12_export(name, files.key, files.crt, out, password, profile)
+    produce(tx, pki.path(out), MODE_SECRET, lambda: runner.run(export, cwd=pki.root))
     runner.run(openssl.pkcs12_check(out, password, profile), cwd=pki.root)
 
 
@@ -178,12 +188,8 @@ def issue_client(settings: Settings, req: IssueRequest, runner: Runner) -> Issue
     keygen, csr, sign = issue_commands(req)[:3]
     with pki_lock(pki.lock_path), Transaction() as tx:
         _refuse_conflicts(pki, req.name)  # again, under the lock
-        tx.may_create(pki.path(files.key))
-        runner.run(keygen, cwd=pki.root)
-        os.chmod(pki.path(files.key), MODE_SECRET)
-        tx.may_create(pki.path(files.csr))
-        runner.run(csr, cwd=pki.root)
-        os.chmod(pki.path(files.csr), MODE_PUBLIC)
+        produce(tx, pki.path(files.key), MODE_SECRET, lambda: runner.run(keygen, cwd=pki.root))
+        produce(tx, pki.path(files.csr), MODE_PUBLIC, lambda: runner.run(csr, cwd=pki.root))
         row = sign_into_database(pki, sign, req.name, files.crt, runner, tx)
         tx.checkpoint()  # issued: the key, CSR, certificate and database change stay
         if req.kind == "server":

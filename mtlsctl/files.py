@@ -8,7 +8,7 @@ import fcntl
 import os
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from mtlsctl.errors import LockError
@@ -87,6 +87,13 @@ def pki_lock(lock_path: Path, timeout: float = 120.0) -> Iterator[None]:
         yield
     finally:
         os.close(fd)  # closing the descriptor releases the lock
+
+
+def produce(tx: Transaction, path: Path, mode: int, step: Callable[[], object]) -> None:
+    """Run a step that writes `path` (an openssl command), remember the file for rollback, set its mode."""
+    tx.may_create(path)
+    step()
+    os.chmod(path, mode)
 
 
 class Transaction:

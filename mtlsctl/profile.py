@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -28,8 +28,8 @@ class KeySpec(_Strict):
     """A key: RSA with `bits`, or EC on a named `curve`."""
 
     type: Literal["rsa", "ec"] = "rsa"
-    bits: Optional[int] = Field(default=None, ge=2048, le=8192, description="RSA only: 2048..8192")
-    curve: Optional[Literal["P-256", "P-384"]] = Field(default=None, description="EC only")
+    bits: int | None = Field(default=None, ge=2048, le=8192, description="RSA only: 2048..8192")
+    curve: Literal["P-256", "P-384"] | None = Field(default=None, description="EC only")
 
     @model_validator(mode="after")
     def _fits_type(self) -> KeySpec:
@@ -52,23 +52,23 @@ class KeySpec(_Strict):
 class Subject(_Strict):
     """The CA's distinguished name; every field but CN may be left out."""
 
-    C: Optional[str] = Field(default=None, description="two-letter country code")
-    ST: Optional[str] = None
-    L: Optional[str] = None
-    O: Optional[str] = None  # noqa: E741 - the DN attribute is called O
-    OU: Optional[str] = None
+    C: str | None = Field(default=None, description="two-letter country code")
+    ST: str | None = None
+    L: str | None = None
+    O: str | None = None  # noqa: E741 - the DN attribute is called O
+    OU: str | None = None
     CN: str
 
     @field_validator("C")
     @classmethod
-    def _country(cls, v: Optional[str]) -> Optional[str]:
+    def _country(cls, v: str | None) -> str | None:
         if v is not None and (len(v) != 2 or not v.isascii() or not v.isalpha() or not v.isupper()):
             raise ValueError("must be two capital letters, e.g. ES")
         return v
 
     @field_validator("ST", "L", "O", "OU", "CN")
     @classmethod
-    def _safe(cls, v: Optional[str]) -> Optional[str]:
+    def _safe(cls, v: str | None) -> str | None:
         if v is None:
             return v
         if len(v) > 64:
@@ -135,7 +135,7 @@ class RenewProfile(_Strict):
     revoke_superseded: bool = Field(default=True, description="revoke the old certificate (reason superseded) once the new one is issued")
 
 
-def _command_line(value: Optional[str]) -> Optional[str]:
+def _command_line(value: str | None) -> str | None:
     """A command split like a shell would, run without one; empty or null means "do not run"."""
     if value is None or value.strip() == "":
         return None
@@ -196,17 +196,17 @@ class NginxProfile(_Strict):
     session_timeout: str = Field(default="10m", description="ssl_session_timeout: how long a revoked client can resume a session")
     upstream: str = Field(default="http://127.0.0.1:8080", description="proxy_pass target")
     allow: list[str] = Field(default_factory=list, description='exact DNs ("CN=iphone-jmrp") or "~REGEX" (anchored ^...$); empty: any valid certificate')
-    rate_limit: Optional[RateLimit] = Field(default=None, description="limit clients that are not verified (and allowlisted); verified ones bypass it")
+    rate_limit: RateLimit | None = Field(default=None, description="limit clients that are not verified (and allowlisted); verified ones bypass it")
     access_log: str = Field(default="/var/log/nginx/secure.access.log", description="access log, with the client DN, serial and verify result")
     error_log: str = Field(default="/var/log/nginx/secure.error.log", description="error log at level info (verify failures are logged only at info)")
-    test_command: Optional[str] = Field(default="nginx -t", description="run before every reload; null or empty: skip")
-    reload_command: Optional[str] = Field(
+    test_command: str | None = Field(default="nginx -t", description="run before every reload; null or empty: skip")
+    reload_command: str | None = Field(
         default="systemctl reload nginx", description="run after a CRL change when the test passes; null or empty: never reload")
     pid_file: str = Field(default="/run/nginx.pid", description="nginx master's pid file, to confirm a reload started new workers")
 
     @field_validator("test_command", "reload_command")
     @classmethod
-    def _commands(cls, v: Optional[str]) -> Optional[str]:
+    def _commands(cls, v: str | None) -> str | None:
         return _command_line(v)
 
     @field_validator("server_name")
@@ -284,7 +284,7 @@ class NginxProfile(_Strict):
 
 
 class Profile(_Strict):
-    pki_dir: Optional[str] = Field(default=None, description="where the PKI lives; default /etc/nginx/pki")
+    pki_dir: str | None = Field(default=None, description="where the PKI lives; default /etc/nginx/pki")
     ca: CaProfile = CaProfile()
     clients: ClientsProfile = ClientsProfile()
     crl: CrlProfile = CrlProfile()
@@ -293,7 +293,7 @@ class Profile(_Strict):
 
     @field_validator("pki_dir")
     @classmethod
-    def _pki_dir(cls, v: Optional[str]) -> Optional[str]:
+    def _pki_dir(cls, v: str | None) -> str | None:
         if v is not None:
             try:
                 validate.config_value(v, what="path")

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import openssl, set_profile
+from .conftest import openssl
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPTS = REPO / "scripts"

@@ -51,7 +51,7 @@ def test_init_runs_the_guides_commands_in_order(fp, tmp_path):
 @pytest.mark.parametrize("failing", range(3))
 def test_init_failure_at_each_step_leaves_nothing(fp, tmp_path, failing):
     root = tmp_path / "pki"
-    for i, (argv, out) in enumerate(zip(INIT_ARGV, INIT_OUTPUTS)):
+    for i, (argv, out) in enumerate(zip(INIT_ARGV, INIT_OUTPUTS, strict=True)):
         if i < failing:
             fp.register(argv, callback=_touch(root, out))
         elif i == failing:
@@ -129,7 +129,7 @@ def _add_client_argv(name: str) -> list[list[str]]:
 def _register_add_client(fp, root: Path, name: str, failing: int | None = None, stdin_seen: list | None = None):
     outputs = [_touch(root, f"private/{name}.key"), _touch(root, f"certs/{name}.csr"), _fake_sign(root, name),
                _touch(root, f"certs/{name}.p12"), None]
-    for i, (argv, cb) in enumerate(zip(_add_client_argv(name), outputs)):
+    for i, (argv, cb) in enumerate(zip(_add_client_argv(name), outputs, strict=True)):
         if failing is not None and i > failing:
             break
         kwargs = {"callback": cb} if cb else {}
