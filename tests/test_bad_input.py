@@ -148,3 +148,21 @@ def test_partial_profile_keeps_the_defaults(tmp_path, mtls):
 def test_unknown_option_is_exit_2_without_traceback(mtls):
     res = mtls(["add-client", "--frobnicate"])
     assert res.code == 2 and "No such option" in res.err and "Traceback" not in res.err
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["nginx", "render", "--verify-client", "optional_no_ca"], "on or optional"),
+    (["nginx", "render", "--rate-limit", "fast"], "5r/s"),
+    (["nginx", "render", "--burst", "5"], "--burst needs --rate-limit"),
+    (["add-server", "web", "--san", "email:a@b.example"], "DNS: or IP:"),
+    (["revoke", "x", "--reason", "removeFromCRL"], "not a revocation reason"),
+    (["revoke", "--serial", "xyz"], "not a hexadecimal serial"),
+    (["list", "--status", "alive"], "valid, revoked or expired"),
+    (["renew", "--within", "0"], "--within"),
+    (["demo", "--port", "80"], "1024..65535"),
+])
+def test_other_commands_refuse_bad_input(fast_pki, mtls, args, needle):
+    before = tree(fast_pki)
+    res = mtls(["--pki-dir", str(fast_pki), *args])
+    _assert_refused(res, needle)
+    assert tree(fast_pki) == before
