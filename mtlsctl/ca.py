@@ -87,15 +87,16 @@ def init_pki(settings: Settings, runner: Runner, now: datetime | None = None) ->
     config_text = openssl.render_openssl_cnf(profile, pki)
     _refuse_existing(pki, config_text)
 
-    with Transaction() as tx:
-        missing = []
-        for parent in (pki.root, *pki.root.parents):
-            if parent.exists():
-                break
-            missing.append(parent)
+    missing = []
+    for parent in (pki.root, *pki.root.parents):
+        if parent.exists():
+            break
+        missing.append(parent)
+    for parent in reversed(missing):
+        parent.mkdir(mode=MODE_PUBLIC_DIR)
+        os.chmod(parent, MODE_PUBLIC_DIR)
+    with Transaction(pki.root) as tx:
         for parent in reversed(missing):
-            parent.mkdir(mode=MODE_PUBLIC_DIR)
-            os.chmod(parent, MODE_PUBLIC_DIR)
             tx.created(parent)
         lock_created = not pki.lock_path.exists()
         if lock_created:

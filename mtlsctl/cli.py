@@ -8,6 +8,7 @@ traceback unless --debug is given.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import sys
@@ -87,10 +88,13 @@ def _runner() -> Any:
 
 
 def _settings(ctx: typer.Context) -> Any:
+    from mtlsctl.files import recover_if_needed
     from mtlsctl.pki import resolve_settings
 
     opts: GlobalOptions = ctx.find_root().obj
-    return resolve_settings(opts.pki_dir, opts.profile, environ={})
+    settings = resolve_settings(opts.pki_dir, opts.profile, environ={})
+    recover_if_needed(settings.pki.root)  # a run killed mid-way left a journal: roll it back first
+    return settings
 
 
 def _print_json(data: Any) -> None:
@@ -531,7 +535,7 @@ def renew(
         if report.crl_regenerated:
             _info("# and the CRL would be regenerated")
         return
-    changed = bool(report.renewed) or report.crl_regenerated
+    changed = bool(report.renewed) or bool(report.superseded) or report.crl_regenerated
     reloaded, error = _reload(settings, changed, no_reload)
     if as_json:
         renewed = []
@@ -543,7 +547,7 @@ def renew(
             if show_passwords and r.password:
                 item["password"] = r.password
             renewed.append(item)
-        _print_json({"renewed": renewed,
+        _print_json({"renewed": renewed, "superseded_revoked": report.superseded,
                      "failed": [{"name": f.name, "serial": f.serial, "error": f.error} for f in report.failed],
                      "crl": {"regenerated": report.crl_regenerated, **(_crl_json(report.crl) or {})},
                      "reloaded": reloaded})
@@ -559,6 +563,8 @@ def renew(
                     print(f"  New Export Password: {r.password}")
             if r.warning:
                 print(f"  warning: {r.warning}")
+        if report.superseded:
+            print(f"Revoked superseded certificate(s) left valid by an earlier renewal: serial {', '.join(report.superseded)}")
         for f in report.failed:
             print(f"FAILED {f.name} (serial {f.serial}): {f.error}", file=sys.stderr)
         if report.crl is not None:
@@ -799,10 +805,17 @@ def main(argv: list[str] | None = None) -> NoReturn:
 
     set_private_umask()
     signal.signal(signal.SIGTERM, _on_sigterm)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("warning: %(message)s"))
+    logger = logging.getLogger("mtlsctl")
+    logger.handlers[:] = [handler]
+    logger.propagate = False
     code = EXIT_OK
     try:
         rv = app(args=argv, prog_name="mtlsctl", standalone_mode=False)
         code = rv if isinstance(rv, int) else EXIT_OK
+        if code == EXIT_INTERRUPTED:  # typer turns KeyboardInterrupt (and our SIGTERM) into Exit(130)
+            print("interrupted; what this run wrote was rolled back", file=sys.stderr)
     except MtlsError as exc:
         for line in exc.lines():
             print(line, file=sys.stderr)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from mtlsctl import db, openssl, validate
 from mtlsctl.errors import InputError, MtlsError, StateError
-from mtlsctl.files import MODE_PUBLIC, MODE_SECRET, Transaction, normalize_modes, pki_lock, produce
+from mtlsctl.files import MODE_PUBLIC, MODE_SECRET, Transaction, normalize_modes, pki_lock, produce, protect_database
 from mtlsctl.pki import DB_FILES_WITH_BACKUPS, ClientFiles, Pki, Settings
 from mtlsctl.profile import KeySpec
 from mtlsctl.runner import Command, Runner
@@ -142,8 +142,7 @@ def sign_into_database(pki: Pki, cmd: Command, name: str, crt: str, runner: Runn
     serial must be in index.txt as V with CN=name, and newcerts/SERIAL.pem must be the file we got.
     The database files are snapshotted first and restored if anything fails.
     """
-    for rel in DB_FILES_WITH_BACKUPS:
-        tx.snapshot(pki.path(rel))
+    protect_database(pki.root, tx)
     serial = db.read_serial(pki.path(pki.serial))
     tx.may_create(pki.path(f"newcerts/{serial}.pem"))
     tx.may_create(pki.path(crt))
@@ -186,7 +185,7 @@ def issue_client(settings: Settings, req: IssueRequest, runner: Runner) -> Issue
     password = req.password if req.password is not None else generate_password()
     files = ClientFiles(req.name)
     keygen, csr, sign = issue_commands(req)[:3]
-    with pki_lock(pki.lock_path), Transaction() as tx:
+    with pki_lock(pki.lock_path), Transaction(pki.root) as tx:
         _refuse_conflicts(pki, req.name)  # again, under the lock
         produce(tx, pki.path(files.key), MODE_SECRET, lambda: runner.run(keygen, cwd=pki.root))
         produce(tx, pki.path(files.csr), MODE_PUBLIC, lambda: runner.run(csr, cwd=pki.root))
@@ -258,7 +257,7 @@ def export_client(settings: Settings, name: str, *, p12: str | None, password: s
     if not pki.path(files.key).exists():
         raise InputError(f"no private key for {name!r} ({files.key} missing)", hint="a bundle needs the key; a CSR signed elsewhere has none here")
     secret = password if password is not None else generate_password()
-    with pki_lock(pki.lock_path), Transaction() as tx:
+    with pki_lock(pki.lock_path), Transaction(pki.root) as tx:
         row = current_row(pki, name)
         if not row.is_active():
             state = "revoked" if row.status == "R" else "expired"

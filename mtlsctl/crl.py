@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 
 from mtlsctl.errors import StateError
-from mtlsctl.files import MODE_PUBLIC, Transaction, fsync_dir, normalize_modes, pki_lock
+from mtlsctl.files import MODE_PUBLIC, Transaction, fsync_dir, normalize_modes, pki_lock, protect_database
 from mtlsctl.pki import Pki
 from mtlsctl.profile import Profile
 from mtlsctl.runner import Command, Runner
@@ -42,8 +42,7 @@ def gencrl_command(days: int, now: datetime, out: str = CRL_TMP) -> Command:
 def generate_crl(pki: Pki, days: int, runner: Runner, tx: Transaction, now: datetime | None = None) -> None:
     """Write crl/ca.crl (mode 644) from the database; the crlnumber change is rolled back with `tx`."""
     now = now or datetime.now(timezone.utc)
-    for rel in (pki.crlnumber, pki.crlnumber + ".old"):
-        tx.snapshot(pki.path(rel))
+    protect_database(pki.root, tx)
     tmp = pki.path(CRL_TMP)
     tx.may_create(tmp)
     runner.run(gencrl_command(days, now), cwd=pki.root)
@@ -127,7 +126,7 @@ def refresh_crl(pki: Pki, profile: Profile, runner: Runner, *, if_due: bool, now
         if if_due and not is_due(current, profile.crl.refresh_within_days, now):
             assert current is not None
             return CrlResult(False, current)
-        with Transaction() as tx:
+        with Transaction(pki.root) as tx:
             generate_crl(pki, profile.crl.days, runner, tx, now)
             info = read_crl_info(pki, runner)
             tx.checkpoint()

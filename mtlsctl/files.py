@@ -5,7 +5,10 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import json
+import logging
 import os
+import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -14,6 +17,11 @@ from pathlib import Path
 from mtlsctl.errors import LockError
 
 PRIVATE_UMASK = 0o077
+
+# Descriptors of PKI locks this process holds. runner.py hands them to every child (pass_fds): the lock
+# belongs to the open file, so an openssl that outlives a killed mtlsctl still holds it until it exits,
+# and no other mtlsctl can roll back underneath it.
+HELD_LOCK_FDS: set[int] = set()
 
 # Modes as the guide sets them (private/ 700, ca.key 400, keys and .p12 600); public files 644.
 MODE_PRIVATE_DIR = 0o700
@@ -84,8 +92,11 @@ def pki_lock(lock_path: Path, timeout: float = 120.0) -> Iterator[None]:
                         hint="wait for it to finish and run the command again",
                     ) from None
                 time.sleep(0.05)
+        HELD_LOCK_FDS.add(fd)
+        recover(lock_path.parent)  # a run killed while holding this lock left its journal behind
         yield
     finally:
+        HELD_LOCK_FDS.discard(fd)
         os.close(fd)  # closing the descriptor releases the lock
 
 
@@ -96,6 +107,11 @@ def produce(tx: Transaction, path: Path, mode: int, step: Callable[[], object]) 
     os.chmod(path, mode)
 
 
+JOURNAL_DIR = ".mtlsctl.journal"
+log = logging.getLogger("mtlsctl")
+_ACTIVE_JOURNALS: set[Path] = set()  # journals of transactions still open in this process
+
+
 class Transaction:
     """What one run created or changed, so that a failure removes/restores it.
 
@@ -103,26 +119,57 @@ class Transaction:
     - `may_create(p)`: a file a command might make (removed on rollback if it appears);
     - `snapshot(p)`: a file whose bytes (or absence) are restored on rollback;
     - `checkpoint()`: everything so far is kept, even if a later step fails.
+
+    With a `root`, the same record is kept on disk in <root>/.mtlsctl.journal/ (fsynced before each
+    step it protects), so that a run killed with SIGKILL or a power cut is rolled back by the next
+    mtlsctl command, under the lock (`recover`). Leaving the `with` block normally commits.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, root: Path | None = None) -> None:
         self._created: list[Path] = []
         self._snapshots: dict[Path, tuple[bytes, int] | None] = {}
+        self._journal = root / JOURNAL_DIR if root is not None else None
+
+    # -- recording
 
     def created(self, path: Path) -> None:
         self._created.append(path)
+        self._persist()
 
     def may_create(self, path: Path) -> None:
         if not path.exists():
             self._created.append(path)
+            self._persist()
 
     def snapshot(self, path: Path) -> None:
         if path not in self._snapshots:
             self._snapshots[path] = (path.read_bytes(), path.stat().st_mode & 0o7777) if path.exists() else None
+            self._persist(new_snapshot=path)
+
+    def _persist(self, new_snapshot: Path | None = None) -> None:
+        if self._journal is None:
+            return
+        if not self._journal.exists():
+            self._journal.mkdir(mode=0o700)
+        _ACTIVE_JOURNALS.add(self._journal)
+        names = {}
+        for i, (path, saved) in enumerate(self._snapshots.items()):
+            names[str(path)] = None if saved is None else {"file": f"snap-{i}", "mode": saved[1]}
+            if saved is not None and path == new_snapshot:
+                atomic_write(self._journal / f"snap-{i}", saved[0], MODE_SECRET)
+        record = {"pid": os.getpid(), "created": [str(p) for p in self._created], "snapshots": names}
+        atomic_write(self._journal / "journal.json", json.dumps(record), MODE_SECRET)
+
+    # -- outcomes
 
     def checkpoint(self) -> None:
         self._created.clear()
         self._snapshots.clear()
+        if self._journal is not None:
+            _ACTIVE_JOURNALS.discard(self._journal)
+            if self._journal.exists():
+                shutil.rmtree(self._journal, ignore_errors=True)
+                fsync_dir(self._journal.parent)
 
     def rollback(self) -> None:
         for path, saved in self._snapshots.items():
@@ -131,13 +178,17 @@ class Transaction:
                     path.unlink()
             else:
                 atomic_write(path, saved[0], mode=saved[1])
+        dirs = []
         for path in reversed(self._created):
             with contextlib.suppress(FileNotFoundError, OSError):
                 if path.is_dir() and not path.is_symlink():
-                    path.rmdir()
+                    dirs.append(path)
                 else:
                     path.unlink()
-        self.checkpoint()
+        self.checkpoint()  # the journal goes before the directories that hold it
+        for path in dirs:
+            with contextlib.suppress(FileNotFoundError, OSError):
+                path.rmdir()
 
     def __enter__(self) -> Transaction:
         return self
@@ -145,3 +196,56 @@ class Transaction:
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
         if exc_type is not None:
             self.rollback()
+        else:
+            self.checkpoint()
+
+    @classmethod
+    def load(cls, root: Path) -> Transaction | None:
+        """The journal an interrupted run left in `root`, or None."""
+        journal = root / JOURNAL_DIR
+        try:
+            record = json.loads((journal / "journal.json").read_text())
+        except FileNotFoundError:
+            if journal.exists():  # killed before its first record was complete: nothing to undo
+                shutil.rmtree(journal, ignore_errors=True)
+            return None
+        except (OSError, ValueError):
+            log.warning("the journal in %s is unreadable; it was left in place for inspection", journal)
+            return None
+        tx = cls(root)
+        tx._created = [Path(p) for p in record.get("created", [])]
+        for path, saved in record.get("snapshots", {}).items():
+            tx._snapshots[Path(path)] = None if saved is None else ((journal / saved["file"]).read_bytes(), int(saved["mode"]))
+        tx._pid = record.get("pid")
+        return tx
+
+
+def recover(root: Path) -> bool:
+    """Roll back what an interrupted run left (call with the PKI lock held). True if there was one."""
+    if root / JOURNAL_DIR in _ACTIVE_JOURNALS:
+        return False  # our own open transaction, not an interrupted run
+    tx = Transaction.load(root)
+    if tx is None:
+        return False
+    log.warning("rolled back an interrupted mtlsctl run (pid %s): removed %d new file(s), restored %d file(s)",
+                getattr(tx, "_pid", "?"), sum(1 for p in tx._created if p.exists()), sum(1 for v in tx._snapshots.values() if v))
+    tx.rollback()
+    return True
+
+
+def recover_if_needed(root: Path) -> None:
+    """Before any command reads the PKI: if an interrupted run left a journal, take the lock and roll it back."""
+    if (root / JOURNAL_DIR).exists():
+        with pki_lock(root / ".mtlsctl.lock"):
+            pass  # pki_lock recovers
+
+
+def protect_database(root: Path, tx: Transaction) -> None:
+    """Before an `openssl ca` run: snapshot index.txt, index.txt.attr, serial, crlnumber (and their .old),
+    and remember the .new files openssl writes on the way, so a failure or a kill restores the database."""
+    from mtlsctl.pki import DB_FILES_WITH_BACKUPS
+
+    for rel in DB_FILES_WITH_BACKUPS:
+        tx.snapshot(root / rel)
+    for rel in ("index.txt.new", "index.txt.attr.new", "serial.new", "crlnumber.new"):
+        tx.may_create(root / rel)

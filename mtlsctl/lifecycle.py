@@ -16,7 +16,7 @@ from mtlsctl import db, openssl, validate
 from mtlsctl.client import generate_password, sign_into_database
 from mtlsctl.crl import CrlInfo, generate_crl, is_due, read_crl_info, read_crl_info_or_none
 from mtlsctl.errors import InputError, MtlsError, StateError
-from mtlsctl.files import MODE_PUBLIC, MODE_SECRET, Transaction, atomic_write, normalize_modes, pki_lock
+from mtlsctl.files import MODE_PUBLIC, MODE_SECRET, Transaction, atomic_write, normalize_modes, pki_lock, protect_database
 from mtlsctl.pki import DB_FILES_WITH_BACKUPS, ClientFiles, Pki, Settings
 from mtlsctl.runner import Command, Runner
 
@@ -76,8 +76,7 @@ def revoke_command(cert: str, why: str) -> Command:
 
 def revoke_row(pki: Pki, row: db.IndexRow, why: str, runner: Runner, tx: Transaction, cert: str | None = None) -> None:
     """Revoke one database row (from `cert`, else the file that holds it) and prove it is R afterwards."""
-    for rel in DB_FILES_WITH_BACKUPS:
-        tx.snapshot(pki.path(rel))
+    protect_database(pki.root, tx)
     runner.run(revoke_command(cert or cert_file(pki, row), why), cwd=pki.root)
     normalize_modes(pki.root, DB_FILES_WITH_BACKUPS)
     after = [r for r in db.read_index(pki.path(pki.index)) if r.serial == row.serial]
@@ -118,7 +117,7 @@ def revoke(settings: Settings, *, name: str | None, serial_hex: str | None, why:
     now = now or datetime.now(timezone.utc)
     pki.require_ca()
     select_for_revoke(pki, name, serial_hex)  # unknown name/serial: exit 2 before the lock
-    with pki_lock(pki.lock_path), Transaction() as tx:
+    with pki_lock(pki.lock_path), Transaction(pki.root) as tx:
         rows = select_for_revoke(pki, name, serial_hex)
         todo = [r for r in rows if r.status == "V" and r.is_active(now)]
         already = [r.serial for r in rows if r.status == "R"]
@@ -224,6 +223,7 @@ class RenewFailure:
 @dataclass
 class RenewReport:
     renewed: list[Renewed] = field(default_factory=list)
+    superseded: list[str] = field(default_factory=list)  # older valid serials revoked by the sweep
     failed: list[RenewFailure] = field(default_factory=list)
     due: list[db.IndexRow] = field(default_factory=list)
     crl_regenerated: bool = False
@@ -242,6 +242,12 @@ def due_for_renewal(rows: list[db.IndexRow], within_days: int, now: datetime) ->
                 newest[row.cn] = row
     horizon = now + timedelta(days=within_days)
     return [row for row in newest.values() if row.expires <= horizon]
+
+
+def superseded_rows(rows: list[db.IndexRow], now: datetime) -> list[db.IndexRow]:
+    """Valid rows that a newer valid row of the same name replaces (left by an interrupted renewal)."""
+    newest = {row.cn: row for row in due_for_renewal(rows, 36500, now)}
+    return [row for row in rows if row.cn in newest and row.is_active(now) and row.serial != newest[row.cn].serial]
 
 
 def _archive_name(pki: Pki, crt: str, now: datetime) -> str:
@@ -277,7 +283,7 @@ def _renew_one(settings: Settings, row: db.IndexRow, days: int, now: datetime, r
         raise StateError(f"CSR not found at {files.csr}; cannot renew automatically",
                          hint=f"issue a new certificate: mtlsctl revoke {name} && mtlsctl add-client {name}")
     server = is_server_cert(pki, row, runner)
-    with Transaction() as tx:
+    with Transaction(pki.root) as tx:
         _allow_overlap(pki, tx)
         archived = _archive_name(pki, files.crt, now)
         source = cert_file(pki, row)
@@ -291,7 +297,7 @@ def _renew_one(settings: Settings, row: db.IndexRow, days: int, now: datetime, r
     problems = []
     if settings.profile.renew.revoke_superseded:
         try:
-            with Transaction() as tx:
+            with Transaction(pki.root) as tx:
                 revoke_row(pki, row, "superseded", runner, tx, cert=archived)
                 tx.checkpoint()
         except MtlsError as exc:
@@ -331,7 +337,7 @@ def _replace_p12(settings: Settings, name: str, password: str, runner: Runner) -
     files = ClientFiles(name)
     tmp = f"certs/.{name}.p12.tmp"
     password_file = f"private/{name}.p12.password"
-    with Transaction() as tx:
+    with Transaction(pki.root) as tx:
         write_p12(pki, name, tmp, password, settings.profile.clients.p12, runner, tx)
         tx.snapshot(pki.path(password_file))
         atomic_write(pki.path(password_file), password + "\n", MODE_SECRET)
@@ -368,9 +374,20 @@ def renew(settings: Settings, *, within_days: int | None = None, days: int | Non
                 report.failed.append(RenewFailure(exc.result.name, exc.result.old_serial, exc.message))
             except MtlsError as exc:
                 report.failed.append(RenewFailure(row.cn or "", row.serial, exc.message))
+        if profile.renew.revoke_superseded:
+            # A renewal interrupted between issuing the new certificate and revoking the old one (or whose
+            # revocation failed above) is finished here: an older valid certificate of a renewed name goes.
+            for row in superseded_rows(db.read_index(pki.path(pki.index)), now):
+                try:
+                    with Transaction(pki.root) as tx:
+                        revoke_row(pki, row, "superseded", runner, tx)
+                    report.superseded.append(row.serial)
+                    report.failed = [f for f in report.failed if not (f.serial == row.serial and "was not revoked" in f.error)]
+                except MtlsError as exc:
+                    report.failed.append(RenewFailure(row.cn or "", row.serial, f"superseded, not revoked: {exc.message}"))
         current = read_crl_info_or_none(pki, runner)
-        if report.renewed or is_due(current, profile.crl.refresh_within_days, now):
-            with Transaction() as tx:
+        if report.renewed or report.superseded or is_due(current, profile.crl.refresh_within_days, now):
+            with Transaction(pki.root) as tx:
                 generate_crl(pki, profile.crl.days, runner, tx, now)
                 tx.checkpoint()
             report.crl_regenerated = True

@@ -126,6 +126,12 @@ def summarize_stderr(stderr: str) -> str:
     return "no message on stderr"
 
 
+def _lock_fds() -> dict[str, tuple[int, ...]]:
+    from mtlsctl.files import HELD_LOCK_FDS
+
+    return {"pass_fds": tuple(sorted(HELD_LOCK_FDS))} if HELD_LOCK_FDS else {}
+
+
 class Runner:
     """Runs Commands with a scrubbed environment in a working directory; raises on failure."""
 
@@ -150,6 +156,7 @@ class Runner:
                 text=True,
                 env=child_env(),
                 check=False,
+                **_lock_fds(),
             )
         except FileNotFoundError as exc:
             raise StateError(
