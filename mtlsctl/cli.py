@@ -607,6 +607,42 @@ def verify(
         raise typer.Exit(1)
 
 
+@app.command("sign-csr")
+def sign_csr(
+    ctx: typer.Context,
+    csr_file: Path = typer.Argument(..., metavar="FILE", help="The CSR, made on the device (PEM)."),
+    name: str = typer.Option(..., "--name", metavar="NAME", help="Client name; the CSR's subject must be exactly CN=NAME."),
+    days: int | None = typer.Option(None, "--days", metavar="N", help="Validity in days (default: profile clients.days, 365)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+) -> None:
+    """Sign a CSR generated elsewhere, so the private key never leaves the device.
+
+    \b
+    The CSR's self-signature is verified and its content read with openssl. It is refused, with every
+    reason named, if it asks for CA:TRUE, keyCertSign/cRLSign, nameConstraints, AIA or CRL distribution
+    points, an extended key usage other than clientAuth, an RSA key under 2048 bits or a curve other
+    than P-256/P-384, or a subject other than CN=NAME. Its SANs are validated like --san. The issued
+    certificate is checked again (CA:FALSE, clientAuth). The CSR is kept as certs/NAME.csr for renew.
+
+    \b
+    Example (on the device, then on the CA host):
+      openssl req -new -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout dev.key -subj /CN=sensor-9 -out sensor-9.csr
+      mtlsctl sign-csr sensor-9.csr --name sensor-9
+    """
+    from mtlsctl.csr import sign_csr as do_sign
+
+    settings = _settings(ctx)
+    result = do_sign(settings, csr_file, name, days, _runner())
+    if as_json:
+        _print_json({"name": result.name, "serial": result.serial, "not_after": result.not_after.isoformat(),
+                     "sans": result.sans, "files": {"csr": str(result.csr), "crt": str(result.crt)}})
+        return
+    print(f"Signed {result.name}: serial {result.serial}, valid until {result.not_after:%Y-%m-%d %H:%M} UTC")
+    if result.sans:
+        print(f"  SANs  {', '.join(result.sans)}")
+    print(f"  cert  {result.crt}  (send it to the device; its key never left it)")
+
+
 @app.command("add-server")
 def add_server(
     ctx: typer.Context,
