@@ -643,6 +643,151 @@ def sign_csr(
     print(f"  cert  {result.crt}  (send it to the device; its key never left it)")
 
 
+@app.command()
+def doctor(
+    ctx: typer.Context,
+    as_json: bool = typer.Option(False, "--json", help="Print healthy and the findings (check, level, message, fix)."),
+) -> None:
+    """Check the PKI and explain each problem with how to fix it (exit 0 healthy, 1 problems).
+
+    \b
+    Checks: file and directory modes and owners (no private file readable by group or others), CA
+    expiry (warns under a year), the CRL (expired, inside the refresh window, lastUpdate in the future,
+    number sane, lists every revoked serial), index.txt against newcerts/ and certs/, openssl.cnf's dir
+    and unique_subject, the openssl version, an interrupted run's journal, and with nginx.site_file set,
+    that the rendered site is current and its files exist.
+
+    \b
+    Example:
+      mtlsctl doctor || mail -s "PKI needs attention" root < /dev/null
+    """
+    from mtlsctl.doctor import run_doctor
+
+    settings = _settings(ctx)
+    findings = run_doctor(settings, _runner())
+    healthy = all(f.level == "ok" for f in findings)
+    if as_json:
+        _print_json({"healthy": healthy, "findings": [f.to_json() for f in findings]})
+    else:
+        for f in findings:
+            print(f"{f.level.upper():<5} {f.check:<8} {f.message}")
+            if f.fix and f.level != "ok":
+                print(f"{'':<14} fix: {f.fix}")
+        print("healthy" if healthy else f"{sum(f.level != 'ok' for f in findings)} problem(s)")
+    if not healthy:
+        raise typer.Exit(1)
+
+
+def _read_passphrase(file: Path | None, fd: int | None, prompt: bool, confirm: bool) -> str | None:
+    """A passphrase from a file, an inherited descriptor, or the terminal; never from argv or the environment."""
+    from mtlsctl import validate
+
+    if file is not None and fd is not None:
+        raise InputError("--passphrase-file and --passphrase-fd are mutually exclusive")
+    if file is not None:
+        try:
+            text = file.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise InputError(f"cannot read --passphrase-file {file}: {exc}") from None
+        return validate.password(validate.strip_one_newline(text), source=str(file))
+    if fd is not None:
+        try:
+            with os.fdopen(os.dup(fd), "r", encoding="utf-8") as fh:
+                text = fh.read()
+        except OSError as exc:
+            raise InputError(f"cannot read --passphrase-fd {fd}: {exc.strerror}", hint="open it in the shell, e.g. 3<pass.txt") from None
+        return validate.password(validate.strip_one_newline(text), source=f"descriptor {fd}")
+    if not prompt:
+        return None
+    if not sys.stdin.isatty():
+        raise InputError("a passphrase is needed (the backup is encrypted, or --encrypt was given) but there is no terminal", hint="give --passphrase-file FILE or --passphrase-fd N")
+    import getpass
+
+    first = validate.password(getpass.getpass("Backup passphrase: "), source="the terminal")
+    if confirm and getpass.getpass("Again: ") != first:
+        raise InputError("the two passphrases differ")
+    return first
+
+
+PASSFILE_HELP = "Read the passphrase from FILE (first line)."
+PASSFD_HELP = "Read the passphrase from descriptor N (e.g. 3<pass.txt)."
+
+
+@app.command()
+def backup(
+    ctx: typer.Context,
+    out: Path = typer.Option(..., "--out", metavar="FILE", help="The backup file to create (never overwritten)."),
+    passphrase_file: Path | None = typer.Option(None, "--passphrase-file", metavar="FILE", help=PASSFILE_HELP),
+    passphrase_fd: int | None = typer.Option(None, "--passphrase-fd", metavar="N", help=PASSFD_HELP),
+    encrypt: bool = typer.Option(False, "--encrypt", help="Encrypt, asking for the passphrase on the terminal."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+) -> None:
+    """Back up the whole PKI (CA key included) as a tar with modes kept, encrypted when given a passphrase.
+
+    \b
+    Encryption: openssl enc -aes-256-cbc -pbkdf2 (the passphrase travels on openssl's stdin).
+    The file is written with mode 600. Taken under the lock: a consistent copy.
+
+    \b
+    Examples:
+      mtlsctl backup --out /root/pki-$(date +%F).tgz.enc --passphrase-file /root/.pki-backup-pass
+      mtlsctl backup --out /mnt/usb/pki.tgz.enc --encrypt
+    """
+    from mtlsctl.backup import backup as do_backup
+
+    settings = _settings(ctx)
+    passphrase = _read_passphrase(passphrase_file, passphrase_fd, prompt=encrypt, confirm=True)
+    result = do_backup(settings, out, passphrase, _runner())
+    if as_json:
+        _print_json({"backup": str(result.path), "files": result.files, "encrypted": result.encrypted})
+    else:
+        print(f"Backed up {result.files} files to {result.path} ({'encrypted' if result.encrypted else 'NOT encrypted: it holds the CA key'})")
+
+
+@app.command()
+def restore(
+    ctx: typer.Context,
+    backup_file: Path = typer.Argument(..., metavar="FILE", help="A file made by `mtlsctl backup`."),
+    pki_dir: Path | None = typer.Option(None, "--pki-dir", metavar="DIR", help="Where to restore (must not hold a PKI)."),
+    passphrase_file: Path | None = typer.Option(None, "--passphrase-file", metavar="FILE", help=PASSFILE_HELP),
+    passphrase_fd: int | None = typer.Option(None, "--passphrase-fd", metavar="N", help=PASSFD_HELP),
+    as_json: bool = typer.Option(False, "--json", help="Print the result and doctor's findings as JSON."),
+) -> None:
+    """Restore a backup into a new PKI directory, then run doctor on it.
+
+    \b
+    Refuses a directory that is not empty. openssl.cnf's dir and mtls.yaml's pki_dir are pointed
+    at the new place.
+
+    \b
+    Example:
+      mtlsctl restore /mnt/usb/pki.tgz.enc --pki-dir /etc/nginx/pki --passphrase-file /root/.pki-backup-pass
+    """
+    from mtlsctl.backup import restore as do_restore
+    from mtlsctl.doctor import run_doctor
+    from mtlsctl.pki import resolve_settings
+
+    opts: GlobalOptions = ctx.find_root().obj
+    target = pki_dir or opts.pki_dir
+    if target is None:
+        raise InputError("restore needs --pki-dir DIR", hint="e.g. mtlsctl restore FILE --pki-dir /etc/nginx/pki")
+    encrypted = backup_file.is_file() and backup_file.open("rb").read(8) == b"Salted__"
+    passphrase = _read_passphrase(passphrase_file, passphrase_fd, prompt=encrypted, confirm=False)
+    result = do_restore(backup_file, target, passphrase, _runner())
+    findings = run_doctor(resolve_settings(result.pki_dir, None, environ={}), _runner())
+    errors = [f for f in findings if f.level == "error"]
+    if as_json:
+        _print_json({"pki_dir": str(result.pki_dir), "files": result.files, "doctor": [f.to_json() for f in findings]})
+    else:
+        print(f"Restored {result.files} files into {result.pki_dir}")
+        for f in findings:
+            if f.level != "ok":
+                print(f"{f.level.upper():<5} {f.check:<8} {f.message}\n{'':<14} fix: {f.fix}")
+        print("doctor: healthy" if not [f for f in findings if f.level != "ok"] else "doctor: see above")
+    if errors:
+        raise typer.Exit(1)
+
+
 @app.command("add-server")
 def add_server(
     ctx: typer.Context,

@@ -203,6 +203,7 @@ class NginxProfile(_Strict):
     reload_command: str | None = Field(
         default="systemctl reload nginx", description="run after a CRL change when the test passes; null or empty: never reload")
     pid_file: str = Field(default="/run/nginx.pid", description="nginx master's pid file, to confirm a reload started new workers")
+    site_file: str | None = Field(default=None, description="where you put the rendered site (nginx render --out); doctor checks it is current")
 
     @field_validator("test_command", "reload_command")
     @classmethod
@@ -217,9 +218,11 @@ class NginxProfile(_Strict):
             raise ValueError("has leading or trailing spaces")
         return v
 
-    @field_validator("server_cert", "server_key", "access_log", "error_log", "pid_file")
+    @field_validator("server_cert", "server_key", "access_log", "error_log", "pid_file", "site_file")
     @classmethod
-    def _path(cls, v: str) -> str:
+    def _path(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
         nginx_safe(v, "path")
         if not v.startswith("/"):
             raise ValueError("must be an absolute path")

@@ -22,7 +22,7 @@ FAST_PROFILE = """\
 ca:
   subject: {CN: Test Root CA, O: mtlsctl tests}
   key: {type: ec, curve: P-256}
-  days: 365
+  days: 800
 clients:
   key: {type: ec, curve: P-256}
 """

@@ -1,0 +1,228 @@
+"""`mtlsctl doctor`: check a PKI and explain each problem with how to fix it.
+
+Reads the files and index.txt in Python; runs openssl only for the CA certificate's end date, the
+CRL and the openssl version. Exit 0 healthy, 1 when any check warns or fails.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import stat
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+
+from mtlsctl import db
+from mtlsctl.crl import parse_crl_text, parse_openssl_date
+from mtlsctl.errors import MtlsError
+from mtlsctl.files import JOURNAL_DIR
+from mtlsctl.pki import DIRS, LOCK_NAME, Settings
+from mtlsctl.runner import Command, Runner
+
+
+@dataclass(frozen=True)
+class Finding:
+    check: str
+    level: str  # ok | warn | error
+    message: str
+    fix: str = ""
+
+    def to_json(self) -> dict[str, str]:
+        return {"check": self.check, "level": self.level, "message": self.message, "fix": self.fix}
+
+
+def _mode(path: os.PathLike[str] | str) -> int:
+    return stat.S_IMODE(os.lstat(path).st_mode)
+
+
+def check_modes(settings: Settings) -> list[Finding]:
+    pki = settings.pki
+    out = []
+    owner = os.lstat(pki.root).st_uid
+    private = pki.path("private")
+    if private.is_dir() and _mode(private) & 0o077:
+        out.append(Finding("modes", "error", f"private/ is mode {_mode(private):o}; others can list the keys",
+                           f"chmod 700 {private}"))
+    secret_files = [p for p in private.glob("*") if p.is_file()] if private.is_dir() else []
+    secret_files += list(pki.path("certs").glob("*.p12"))
+    for path in secret_files:
+        mode = _mode(path)
+        if mode & 0o077:
+            out.append(Finding("modes", "error", f"{path.relative_to(pki.root)} is mode {mode:o}: readable by group or others",
+                               f"chmod {'400' if path.name == 'ca.key' else '600'} {path}"))
+    ours = [pki.root, *(p for p in pki.root.iterdir() if p.is_file())]
+    for sub in DIRS:
+        if pki.path(sub).is_dir():
+            ours += [pki.path(sub), *pki.path(sub).rglob("*")]
+    for path in ours:
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            continue
+        if st.st_uid != owner and st.st_uid != 0:
+            out.append(Finding("owners", "error", f"{path} is owned by uid {st.st_uid}, the PKI by uid {owner}",
+                               f"chown {owner} {path}"))
+        if stat.S_ISLNK(st.st_mode) and path.parent.name == "private":
+            out.append(Finding("owners", "error", f"{path} is a symlink inside private/", "replace it with the file"))
+        if not stat.S_ISLNK(st.st_mode) and stat.S_IMODE(st.st_mode) & 0o002:
+            out.append(Finding("modes", "error", f"{path} is writable by everyone", f"chmod o-w {path}"))
+    if not out:
+        out.append(Finding("modes", "ok", "private files are readable by their owner only"))
+    return out
+
+
+def check_ca(settings: Settings, runner: Runner, now: datetime) -> list[Finding]:
+    pki = settings.pki
+    res = runner.run(Command(("openssl", "x509", "-in", pki.ca_cert, "-noout", "-enddate")), cwd=pki.root, check=False)
+    if res.returncode != 0:
+        return [Finding("ca", "error", "ca/ca.crt cannot be read", "restore it from a backup")]
+    end = parse_openssl_date(res.stdout.strip().split("=", 1)[1])
+    left = end - now
+    if left <= timedelta(0):
+        return [Finding("ca", "error", f"the CA certificate EXPIRED on {end:%Y-%m-%d}: nginx rejects every client",
+                        "create a new CA (mtlsctl init in a new directory) and reissue the clients")]
+    if left < timedelta(days=365):
+        return [Finding("ca", "warn", f"the CA certificate expires on {end:%Y-%m-%d} ({left.days} days)",
+                        "plan a new CA now: every client certificate must be reissued under it")]
+    return [Finding("ca", "ok", f"the CA certificate is valid until {end:%Y-%m-%d} ({left.days} days)")]
+
+
+def check_crl(settings: Settings, runner: Runner, now: datetime) -> list[Finding]:
+    pki = settings.pki
+    if not pki.path(pki.crl).exists():
+        return [Finding("crl", "error", "crl/ca.crl is missing: nginx with ssl_crl will not start", "mtlsctl crl")]
+    res = runner.run(Command(("openssl", "crl", "-in", pki.crl, "-noout", "-text", "-CAfile", pki.ca_cert)),
+                     cwd=pki.root, check=False)
+    if res.returncode != 0 or "verify OK" not in res.stderr + res.stdout:
+        return [Finding("crl", "error", "crl/ca.crl is unreadable or not signed by this CA", "mtlsctl crl")]
+    info = parse_crl_text(res.stdout)
+    out = []
+    if info.next_update <= now:
+        out.append(Finding("crl", "error", f"the CRL EXPIRED on {info.next_update:%Y-%m-%d %H:%M} UTC: nginx rejects EVERY client",
+                           "mtlsctl crl, and schedule `mtlsctl crl --if-due` daily (docs/operations.md)"))
+    elif info.next_update - now <= timedelta(days=settings.profile.crl.refresh_within_days):
+        out.append(Finding("crl", "warn", f"the CRL expires on {info.next_update:%Y-%m-%d %H:%M} UTC, inside the refresh window",
+                           "mtlsctl crl --if-due (is the daily timer running?)"))
+    else:
+        out.append(Finding("crl", "ok", f"the CRL is valid until {info.next_update:%Y-%m-%d %H:%M} UTC"))
+    if info.this_update > now + timedelta(minutes=1):
+        out.append(Finding("crl", "error", f"the CRL's lastUpdate {info.this_update:%Y-%m-%d %H:%M} UTC is in the future: "
+                           "nginx hosts treat it as not yet valid", "check the clock, then mtlsctl crl"))
+    try:
+        next_number = int(pki.path(pki.crlnumber).read_text().strip(), 16)
+        if info.crl_number and next_number <= int(info.crl_number, 16):
+            out.append(Finding("crl", "error", f"crlnumber ({next_number:X}) is not above the CRL's number ({info.crl_number})",
+                               f"write {int(info.crl_number, 16) + 1:X} to crlnumber, then mtlsctl crl"))
+    except (OSError, ValueError):
+        out.append(Finding("crl", "error", "crlnumber is missing or not hex", "restore it from crlnumber.old or a backup"))
+    revoked = sum(1 for r in db.read_index(pki.path(pki.index)) if r.status == "R")
+    if revoked > info.revoked:
+        out.append(Finding("crl", "error", f"index.txt has {revoked} revoked certificates, the CRL lists {info.revoked}",
+                           "mtlsctl crl (then reload nginx)"))
+    return out
+
+
+def check_database(settings: Settings) -> list[Finding]:
+    pki = settings.pki
+    out = []
+    try:
+        rows = db.read_index(pki.path(pki.index))
+    except MtlsError as exc:
+        return [Finding("database", "error", exc.message, exc.hint or "")]
+    serials = {r.serial for r in rows}
+    if len(serials) != len(rows):
+        out.append(Finding("database", "error", "index.txt has duplicate serials", "restore index.txt from a backup"))
+    newcerts = {p.stem.upper() for p in pki.path("newcerts").glob("*.pem")}
+    for serial in sorted(serials - newcerts):
+        out.append(Finding("database", "error", f"serial {serial} is in index.txt but newcerts/{serial}.pem is missing",
+                           "restore newcerts/ from a backup"))
+    for serial in sorted(newcerts - serials):
+        out.append(Finding("database", "error", f"newcerts/{serial}.pem is not in index.txt (an orphan certificate: it can never be revoked)",
+                           f"revoke it by hand: openssl ca -config openssl.cnf -valid newcerts/{serial}.pem, then -revoke"))
+    try:
+        next_serial = int(db.read_serial(pki.path(pki.serial)), 16)
+        if serials and next_serial <= max(int(s, 16) for s in serials):
+            out.append(Finding("database", "error", f"serial ({next_serial:X}) is not above the highest issued serial",
+                               "write the next free serial to the serial file"))
+    except MtlsError as exc:
+        out.append(Finding("database", "error", exc.message, exc.hint or ""))
+    by_pem = {}
+    for row in rows:
+        by_pem[row.serial] = row
+    for crt in sorted(pki.path("certs").glob("*.crt")):
+        name = crt.stem
+        if not any(r.cn == name and db.same_certificate(crt, pki.path(f"newcerts/{r.serial}.pem")) for r in rows):
+            out.append(Finding("database", "error", f"certs/{crt.name} is not in this CA's database",
+                               "move it away if it is not ours; if it is, restore index.txt from a backup"))
+    if pki.path(JOURNAL_DIR).exists():
+        out.append(Finding("database", "error", "an interrupted run left its journal", "run any mtlsctl command: it rolls it back"))
+    if not out:
+        out.append(Finding("database", "ok", f"index.txt ({len(rows)} certificates) matches newcerts/ and certs/"))
+    return out
+
+
+def check_config(settings: Settings) -> list[Finding]:
+    pki = settings.pki
+    out = []
+    cnf = pki.path(pki.openssl_cnf).read_text(errors="replace")
+    m = re.search(r"^\s*dir\s*=\s*(.+?)\s*(#.*)?$", cnf, re.M)
+    if not m or os.path.realpath(m.group(1)) != os.path.realpath(pki.root):
+        out.append(Finding("config", "error", f"openssl.cnf's dir is {m.group(1) if m else '(missing)'}, not {pki.root}",
+                           f"set `dir = {pki.root}` in openssl.cnf (the PKI was moved?)"))
+    if not re.search(r"^\s*unique_subject\s*=\s*no", cnf, re.M):
+        out.append(Finding("config", "warn", "openssl.cnf does not say unique_subject = no",
+                           "add `unique_subject = no` to [ CA_default ] (renewal briefly holds two valid certificates of a name)"))
+    attr = pki.path(pki.index_attr)
+    if attr.exists() and "unique_subject = no" not in attr.read_text():
+        out.append(Finding("config", "warn", "index.txt.attr says unique_subject = yes",
+                           "mtlsctl renew sets it to no; or write `unique_subject = no` to index.txt.attr"))
+    if not out:
+        out.append(Finding("config", "ok", "openssl.cnf points at this PKI; unique_subject = no"))
+    return out
+
+
+def check_openssl(runner: Runner) -> list[Finding]:
+    version = runner.run(Command(("openssl", "version"))).stdout.strip()
+    m = re.match(r"OpenSSL (\d+)\.(\d+)\.(\d+)([a-z]?)", version)
+    if not m:
+        return [Finding("openssl", "warn", f"unrecognised openssl version: {version}", "use OpenSSL ≥ 1.1.1")]
+    if (int(m.group(1)), int(m.group(2)), int(m.group(3))) < (1, 1, 1):
+        return [Finding("openssl", "error", f"{version} is older than 1.1.1", "upgrade openssl")]
+    return [Finding("openssl", "ok", version)]
+
+
+def check_nginx(settings: Settings) -> list[Finding]:
+    from mtlsctl.nginx import render_site
+
+    nginx = settings.profile.nginx
+    if not nginx.site_file:
+        return [Finding("nginx", "ok", "nginx.site_file is not set in the profile: the rendered site is not checked")]
+    out = []
+    for what, path in (("server_cert", nginx.server_cert), ("server_key", nginx.server_key), ("site_file", nginx.site_file)):
+        if not os.path.exists(path):
+            out.append(Finding("nginx", "error", f"nginx.{what} {path} does not exist",
+                               "mtlsctl add-server / mtlsctl nginx render --out ..." if what != "server_key" else "check the path"))
+    if os.path.exists(nginx.site_file):
+        text, _ = render_site(settings.pki, nginx)
+        with open(nginx.site_file, encoding="utf-8", errors="replace") as fh:
+            if fh.read() != text:
+                out.append(Finding("nginx", "warn", f"{nginx.site_file} differs from what the profile renders now",
+                                   f"mtlsctl nginx render --out {nginx.site_file} && mtlsctl nginx reload"))
+    return out or [Finding("nginx", "ok", f"{nginx.site_file} is current and its files exist")]
+
+
+def run_doctor(settings: Settings, runner: Runner, now: datetime | None = None) -> list[Finding]:
+    now = now or datetime.now(timezone.utc)
+    settings.pki.require_ca()
+    findings: list[Finding] = []
+    findings += check_openssl(runner)
+    findings += check_modes(settings)
+    findings += check_ca(settings, runner, now)
+    findings += check_crl(settings, runner, now)
+    findings += check_database(settings)
+    findings += check_config(settings)
+    findings += check_nginx(settings)
+    return findings
+
+
+__all__ = ["Finding", "run_doctor", "LOCK_NAME"]
