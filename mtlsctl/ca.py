@@ -45,12 +45,13 @@ class InitResult:
     subject: str
 
 
-def init_commands(settings: Settings, now: datetime | None = None) -> list[Command]:
+def init_commands(settings: Settings, now: datetime | None = None, ca_passphrase: str | None = None) -> list[Command]:
     """The openssl commands `init` runs, in order (what --dry-run prints)."""
     ca = settings.profile.ca
     now = now or datetime.now(timezone.utc)
     return [
-        openssl.genkey(Pki.ca_key, ca.key_spec, label=f"generating the CA key ({ca.key_spec.describe()})"),
+        openssl.genkey(Pki.ca_key, ca.key_spec, label=f"generating the CA key ({ca.key_spec.describe()})",
+                       passphrase=ca_passphrase if ca.key_spec.encrypt else None),
         openssl.ca_selfsign(ca.days),
         gencrl_command(settings.profile.crl.days, now),
     ]
@@ -76,7 +77,7 @@ def _refuse_existing(pki: Pki, config_text: str) -> None:
             raise InputError(f"{pki.path(rel)} already exists", hint="move it away or use another --pki-dir")
 
 
-def init_pki(settings: Settings, runner: Runner, now: datetime | None = None) -> InitResult:
+def init_pki(settings: Settings, runner: Runner, now: datetime | None = None, ca_passphrase: str | None = None) -> InitResult:
     """Create the PKI; on any failure remove everything this run created.
 
     Raises:
@@ -84,6 +85,9 @@ def init_pki(settings: Settings, runner: Runner, now: datetime | None = None) ->
         OpenSSLError: an openssl step failed; the directory is as it was before.
     """
     pki, profile = settings.pki, settings.profile
+    if profile.ca.key_spec.encrypt and ca_passphrase is None:
+        raise InputError("ca.key.encrypt is true but no CA passphrase was given",
+                         hint="run on a terminal, or give --ca-passphrase-file FILE / --ca-passphrase-fd N")
     config_text = openssl.render_openssl_cnf(profile, pki)
     _refuse_existing(pki, config_text)
 
@@ -115,7 +119,7 @@ def init_pki(settings: Settings, runner: Runner, now: datetime | None = None) ->
                 if not path.exists():
                     tx.created(path)
                     atomic_write(path, content, MODE_PUBLIC)
-            keygen, selfsign, _ = init_commands(settings, now)
+            keygen, selfsign, _ = init_commands(settings, now, ca_passphrase)
             produce(tx, pki.path(pki.ca_key), MODE_CA_KEY, lambda: runner.run(keygen, cwd=pki.root))
             produce(tx, pki.path(pki.ca_cert), MODE_PUBLIC, lambda: runner.run(selfsign, cwd=pki.root))
             tx.created(pki.path(pki.crl))
@@ -135,3 +139,26 @@ def init_pki(settings: Settings, runner: Runner, now: datetime | None = None) ->
         days=profile.ca.days,
         subject=subject,
     )
+
+
+def passphrase_check(passphrase: str | None) -> Command:
+    """Does the passphrase open private/ca.key? (`openssl pkey -noout`, the passphrase on a pipe)."""
+    return Command(("openssl", "pkey", "-in", Pki.ca_key, "-noout", "-passin", "fd:@0"),
+                   fd_secrets=(passphrase if passphrase is not None else "",))
+
+
+def change_passphrase(pki: Pki, old: str | None, new: str, runner: Runner) -> None:
+    """Re-encrypt private/ca.key under a new passphrase (or encrypt a plain one): written aside, checked, renamed."""
+    from mtlsctl.files import MODE_CA_KEY as KEY_MODE
+
+    tmp = "private/.ca.key.new"
+    passin = ("-passin", "fd:@0") if old is not None else ()
+    secrets = (old, new) if old is not None else (new,)
+    out_fd = "fd:@1" if old is not None else "fd:@0"
+    with pki_lock(pki.lock_path), Transaction(pki.root) as tx:
+        tx.snapshot(pki.path(pki.ca_key))
+        produce(tx, pki.path(tmp), KEY_MODE, lambda: runner.run(Command(
+            ("openssl", "pkey", "-in", pki.ca_key, *passin, "-aes256", "-passout", out_fd, "-out", tmp),
+            label="re-encrypting private/ca.key", fd_secrets=secrets), cwd=pki.root))
+        runner.run(Command(("openssl", "pkey", "-in", tmp, "-noout", "-passin", "fd:@0"), fd_secrets=(new,)), cwd=pki.root)
+        os.replace(pki.path(tmp), pki.path(pki.ca_key))

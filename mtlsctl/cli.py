@@ -53,6 +53,18 @@ class GlobalOptions:
     pki_dir: Path | None
     profile: Path | None
     debug: bool
+    ca_passphrase_file: Path | None = None
+    ca_passphrase_fd: int | None = None
+    _ca_passphrase: str | None = None
+
+    def ca_passphrase(self, confirm: bool = False) -> str:
+        """The CA key passphrase: --ca-passphrase-file, --ca-passphrase-fd, or asked once on the terminal."""
+        if self._ca_passphrase is None:
+            value = _read_passphrase(self.ca_passphrase_file, self.ca_passphrase_fd, prompt=True, confirm=confirm,
+                                     what="CA key passphrase", option="--ca-passphrase-file FILE or --ca-passphrase-fd N")
+            assert value is not None
+            self._ca_passphrase = value
+        return self._ca_passphrase
 
 
 _debug = False
@@ -81,10 +93,23 @@ class TerminalReporter:
             self._ticking = False
 
 
-def _runner() -> Any:
+_OPTIONS: GlobalOptions | None = None
+
+
+def _runner(settings: Any = None, signs: bool = False) -> Any:
+    """The Runner for a command. For commands that sign (`signs`), an encrypted CA key's passphrase is
+    obtained and checked first, so a wrong one is refused before anything is written."""
     from mtlsctl.runner import Runner
 
-    return Runner(TerminalReporter())
+    if settings is None or not signs or _OPTIONS is None or not settings.pki.ca_key_encrypted():
+        return Runner(TerminalReporter())
+    from mtlsctl.ca import passphrase_check
+
+    passphrase = _OPTIONS.ca_passphrase()
+    if Runner().run(passphrase_check(passphrase), cwd=settings.pki.root, check=False).returncode != 0:
+        raise InputError("the CA passphrase does not open private/ca.key", hint="check --ca-passphrase-file / --ca-passphrase-fd")
+    root = settings.pki.root
+    return Runner(TerminalReporter(), ca_passphrase=lambda cwd: passphrase if cwd == root else None)
 
 
 def _settings(ctx: typer.Context) -> Any:
@@ -150,11 +175,15 @@ def _global(
         help="YAML site profile. Order: --profile, $MTLSCTL_PROFILE, <pki-dir>/mtls.yaml, built-in defaults (the guide's).",
     ),
     debug: bool = typer.Option(False, "--debug", help="Show a traceback for internal errors."),
+    ca_passphrase_file: Path | None = typer.Option(
+        None, "--ca-passphrase-file", metavar="FILE", help="Passphrase of an encrypted CA key (ca.key.encrypt), first line of FILE."),
+    ca_passphrase_fd: int | None = typer.Option(
+        None, "--ca-passphrase-fd", metavar="N", help="Passphrase of an encrypted CA key, read from descriptor N (e.g. 3<file)."),
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
 ) -> None:
-    global _debug
+    global _debug, _OPTIONS
     _debug = debug
-    ctx.obj = GlobalOptions(pki_dir, profile, debug)
+    ctx.obj = _OPTIONS = GlobalOptions(pki_dir, profile, debug, ca_passphrase_file, ca_passphrase_fd)
 
 
 P12_HELP = "PKCS#12 profile: compat (works everywhere, default), modern (OpenSSL 3 default), legacy (RC2, old importers only)."
@@ -188,7 +217,21 @@ def init(
              "serial, crlnumber, openssl.cnf, mtls.yaml", f"profile: {settings.profile_source}"],
         )
         return
-    result = ca.init_pki(settings, _runner())
+    passphrase = None
+    if settings.profile.ca.key_spec.encrypt:
+        from mtlsctl import validate
+
+        passphrase = _OPTIONS.ca_passphrase(confirm=True) if _OPTIONS else None
+        if passphrase is not None and len(passphrase) < 8:
+            raise InputError("the CA key passphrase is shorter than 8 characters", hint="use a long passphrase; it guards every certificate")
+        validate.password(passphrase or "", source="the CA passphrase option")
+    runner = _runner()
+    if passphrase is not None:
+        from mtlsctl.runner import Runner
+
+        root = settings.pki.root
+        runner = Runner(TerminalReporter(), ca_passphrase=lambda cwd: passphrase if cwd == root else None)
+    result = ca.init_pki(settings, runner, ca_passphrase=passphrase)
     if as_json:
         _print_json({
             "pki_dir": str(result.pki_dir), "ca_cert": str(result.ca_cert), "ca_key": str(result.ca_key),
@@ -239,7 +282,7 @@ def add_client(
     if dry_run:
         _print_dry_run(settings.pki.root, client.plan_issue(settings, req))
         return
-    result = client.issue_client(settings, req, _runner())
+    result = client.issue_client(settings, req, _runner(settings, signs=True))
     if as_json:
         data = {
             "name": result.name, "serial": result.serial, "not_after": result.not_after.isoformat(),
@@ -391,7 +434,7 @@ def revoke(
             cmds.append(crl_mod.gencrl_command(settings.profile.crl.days, now))
         _print_dry_run(settings.pki.root, cmds, [] if cmds else ["nothing to revoke: no valid certificate"])
         return
-    result = lifecycle.revoke(settings, name=name, serial_hex=serial_hex, why=why, runner=_runner())
+    result = lifecycle.revoke(settings, name=name, serial_hex=serial_hex, why=why, runner=_runner(settings, signs=True))
     reloaded, error = _reload(settings, bool(result.revoked), no_reload)
     if as_json:
         _print_json({"revoked": result.revoked, "already_revoked": result.already, "expired": result.expired,
@@ -437,7 +480,7 @@ def crl(
         _print_dry_run(settings.pki.root, [crl_mod.gencrl_command(settings.profile.crl.days, datetime.now(timezone.utc))],
                        [f"then rename to {settings.pki.crl}"])
         return
-    result = crl_mod.refresh_crl(settings.pki, settings.profile, _runner(), if_due=if_due)
+    result = crl_mod.refresh_crl(settings.pki, settings.profile, _runner(settings, signs=True), if_due=if_due)
     reloaded, error = _reload(settings, result.regenerated, no_reload)
     if as_json:
         _print_json({"regenerated": result.regenerated, **_crl_json(result.info), "reloaded": reloaded})
@@ -525,7 +568,7 @@ def renew(
     from mtlsctl import lifecycle
 
     settings = _settings(ctx)
-    report = lifecycle.renew(settings, within_days=within, days=days, runner=_runner(), dry_run=dry_run)
+    report = lifecycle.renew(settings, within_days=within, days=days, runner=_runner(settings, signs=not dry_run), dry_run=dry_run)
     if dry_run:
         _info(f"# dry run: nothing is changed. {len(report.due)} certificate(s) due; commands run in {settings.pki.root}:")
         for row in report.due:
@@ -632,7 +675,7 @@ def sign_csr(
     from mtlsctl.csr import sign_csr as do_sign
 
     settings = _settings(ctx)
-    result = do_sign(settings, csr_file, name, days, _runner())
+    result = do_sign(settings, csr_file, name, days, _runner(settings, signs=True))
     if as_json:
         _print_json({"name": result.name, "serial": result.serial, "not_after": result.not_after.isoformat(),
                      "sans": result.sans, "files": {"csr": str(result.csr), "crt": str(result.crt)}})
@@ -678,12 +721,13 @@ def doctor(
         raise typer.Exit(1)
 
 
-def _read_passphrase(file: Path | None, fd: int | None, prompt: bool, confirm: bool) -> str | None:
+def _read_passphrase(file: Path | None, fd: int | None, prompt: bool, confirm: bool, what: str = "backup passphrase",
+                     option: str = "--passphrase-file FILE or --passphrase-fd N") -> str | None:
     """A passphrase from a file, an inherited descriptor, or the terminal; never from argv or the environment."""
     from mtlsctl import validate
 
     if file is not None and fd is not None:
-        raise InputError("--passphrase-file and --passphrase-fd are mutually exclusive")
+        raise InputError(f"give only one of {option}")
     if file is not None:
         try:
             text = file.read_text(encoding="utf-8")
@@ -699,11 +743,11 @@ def _read_passphrase(file: Path | None, fd: int | None, prompt: bool, confirm: b
         return validate.password(validate.strip_one_newline(text), source=f"descriptor {fd}")
     if not prompt:
         return None
-    if not sys.stdin.isatty():
-        raise InputError("a passphrase is needed (the backup is encrypted, or --encrypt was given) but there is no terminal", hint="give --passphrase-file FILE or --passphrase-fd N")
+    if sys.stdin is None or not sys.stdin.isatty():
+        raise InputError(f"a {what} is needed but there is no terminal to ask on", hint=f"give {option}")
     import getpass
 
-    first = validate.password(getpass.getpass("Backup passphrase: "), source="the terminal")
+    first = validate.password(getpass.getpass(f"{what[0].upper() + what[1:]}: "), source="the terminal")
     if confirm and getpass.getpass("Again: ") != first:
         raise InputError("the two passphrases differ")
     return first
@@ -772,7 +816,8 @@ def restore(
     if target is None:
         raise InputError("restore needs --pki-dir DIR", hint="e.g. mtlsctl restore FILE --pki-dir /etc/nginx/pki")
     encrypted = backup_file.is_file() and backup_file.open("rb").read(8) == b"Salted__"
-    passphrase = _read_passphrase(passphrase_file, passphrase_fd, prompt=encrypted, confirm=False)
+    passphrase = _read_passphrase(passphrase_file, passphrase_fd, prompt=encrypted, confirm=False,
+                                  what="passphrase for the encrypted backup")
     result = do_restore(backup_file, target, passphrase, _runner())
     findings = run_doctor(resolve_settings(result.pki_dir, None, environ={}), _runner())
     errors = [f for f in findings if f.level == "error"]
@@ -786,6 +831,45 @@ def restore(
         print("doctor: healthy" if not [f for f in findings if f.level != "ok"] else "doctor: see above")
     if errors:
         raise typer.Exit(1)
+
+
+ca_passphrase_app = typer.Typer(help="The passphrase of an encrypted CA key (profile ca.key.encrypt).", no_args_is_help=True)
+app.add_typer(ca_passphrase_app, name="ca-passphrase")
+
+
+@ca_passphrase_app.command("change")
+def ca_passphrase_change(
+    ctx: typer.Context,
+    new_passphrase_file: Path | None = typer.Option(None, "--new-passphrase-file", metavar="FILE", help="Read the new passphrase from FILE."),
+    new_passphrase_fd: int | None = typer.Option(None, "--new-passphrase-fd", metavar="N", help="Read the new passphrase from descriptor N."),
+) -> None:
+    """Re-encrypt private/ca.key under a new passphrase (AES-256); also encrypts a key that has none.
+
+    \b
+    The current passphrase comes from the global --ca-passphrase-file / --ca-passphrase-fd or the
+    terminal; passphrases travel to openssl on pipes, never on argv or in the environment.
+
+    \b
+    Example:
+      mtlsctl --ca-passphrase-file old.txt ca-passphrase change --new-passphrase-file new.txt
+    """
+    from mtlsctl.ca import change_passphrase, passphrase_check
+    from mtlsctl.runner import Runner
+
+    settings = _settings(ctx)
+    settings.pki.require_ca()
+    old = None
+    if settings.pki.ca_key_encrypted():
+        old = _OPTIONS.ca_passphrase() if _OPTIONS else None
+        if Runner().run(passphrase_check(old), cwd=settings.pki.root, check=False).returncode != 0:
+            raise InputError("the current CA passphrase does not open private/ca.key")
+    new = _read_passphrase(new_passphrase_file, new_passphrase_fd, prompt=True, confirm=True, what="New CA key passphrase",
+                           option="--new-passphrase-file FILE or --new-passphrase-fd N")
+    assert new is not None
+    if len(new) < 8:
+        raise InputError("the new passphrase is shorter than 8 characters", hint="use a long passphrase; it guards every certificate")
+    change_passphrase(settings.pki, old, new, _runner())
+    print("private/ca.key is now encrypted with the new passphrase")
 
 
 @app.command("add-server")
@@ -819,7 +903,7 @@ def add_server(
     if dry_run:
         _print_dry_run(settings.pki.root, client.plan_issue(settings, req))
         return
-    result = client.issue_client(settings, req, _runner())
+    result = client.issue_client(settings, req, _runner(settings, signs=True))
     if as_json:
         _print_json({"name": result.name, "serial": result.serial, "not_after": result.not_after.isoformat(),
                      "sans": list(result.sans), "files": {"key": str(result.key), "csr": str(result.csr), "crt": str(result.crt)}})

@@ -36,6 +36,7 @@ def gencrl_command(days: int, now: datetime, out: str = CRL_TMP) -> Command:
          "-crl_nextupdate", asn1_time(now + timedelta(days=days)),
          "-out", out),
         label=f"generating the CRL {Pki.crl} (valid {days} days)",
+        uses_ca_key=True,
     )
 
 

@@ -71,7 +71,7 @@ def is_server_cert(pki: Pki, row: db.IndexRow, runner: Runner) -> bool:
 def revoke_command(cert: str, why: str) -> Command:
     """The guide's revocation, with the reason: `openssl ca -config openssl.cnf -revoke FILE -crl_reason R`."""
     return Command(("openssl", "ca", "-config", "openssl.cnf", "-revoke", cert, "-crl_reason", why),
-                   label=f"revoking {cert} ({why})")
+                   label=f"revoking {cert} ({why})", uses_ca_key=True)
 
 
 def revoke_row(pki: Pki, row: db.IndexRow, why: str, runner: Runner, tx: Transaction, cert: str | None = None) -> None:

@@ -44,14 +44,21 @@ def render_openssl_cnf(profile: Profile, pki: Pki) -> str:
     )
 
 
-def genkey(out: str, key: KeySpec, label: str = "") -> Command:
-    """`openssl genrsa -out KEY BITS` (the guide) or `openssl genpkey` for an EC key."""
+def genkey(out: str, key: KeySpec, label: str = "", passphrase: str | None = None) -> Command:
+    """`openssl genrsa -out KEY BITS` (the guide) or `openssl genpkey` for an EC key.
+
+    With a passphrase (ca.key.encrypt) the key is written AES-256 encrypted; the passphrase goes down a
+    pipe (`-passout fd:N`), never on argv.
+    """
     if key.type == "rsa":
-        argv: tuple[str, ...] = ("openssl", "genrsa", "-out", out, str(key.bits))
+        enc = ("-aes256", "-passout", "fd:@0") if passphrase is not None else ()
+        argv: tuple[str, ...] = ("openssl", "genrsa", *enc, "-out", out, str(key.bits))
     else:
-        argv = ("openssl", "genpkey", "-algorithm", "EC", "-pkeyopt", f"ec_paramgen_curve:{key.curve}", "-out", out)
+        enc = ("-aes-256-cbc", "-pass", "fd:@0") if passphrase is not None else ()
+        argv = ("openssl", "genpkey", "-algorithm", "EC", "-pkeyopt", f"ec_paramgen_curve:{key.curve}", *enc, "-out", out)
     slow = key.type == "rsa" and (key.bits or 0) >= 4096
-    return Command(argv, label=label or f"generating {key.describe()} key {out}", slow=slow)
+    return Command(argv, label=label or f"generating {key.describe()} key {out}", slow=slow,
+                   fd_secrets=(passphrase,) if passphrase is not None else ())
 
 
 def ca_selfsign(days: int) -> Command:
@@ -60,6 +67,7 @@ def ca_selfsign(days: int) -> Command:
         ("openssl", "req", "-new", "-x509", "-days", str(days), "-key", Pki.ca_key, "-out", Pki.ca_cert,
          "-config", CNF, "-extensions", "v3_ca"),
         label=f"self-signing the CA certificate {Pki.ca_cert} ({days} days)",
+        uses_ca_key=True,
     )
 
 
@@ -80,6 +88,7 @@ def ca_sign(csr: str, crt: str, days: int, extensions: str = "v3_client") -> Com
         ("openssl", "ca", "-config", CNF, "-extensions", extensions, "-days", str(days), "-batch",
          "-in", csr, "-out", crt),
         label=f"signing {crt} with the CA ({days} days)",
+        uses_ca_key=True,
     )
 
 
@@ -105,4 +114,5 @@ def pkcs12_check(p12: str, password: str | None, profile: str) -> Command:
 
 def gencrl(out: str = Pki.crl) -> Command:
     """The guide's CRL: `openssl ca -config openssl.cnf -gencrl -out crl/ca.crl`."""
-    return Command(("openssl", "ca", "-config", CNF, "-gencrl", "-out", out), label=f"generating the CRL {out}")
+    return Command(("openssl", "ca", "-config", CNF, "-gencrl", "-out", out), label=f"generating the CRL {out}",
+                   uses_ca_key=True)

@@ -77,6 +77,15 @@ class Pki:
     def has_ca(self) -> bool:
         return self.path(self.ca_cert).exists() or self.path(self.ca_key).exists()
 
+    def ca_key_encrypted(self) -> bool:
+        """True when private/ca.key is passphrase-protected (PKCS#8 or traditional PEM encryption)."""
+        try:
+            with open(self.path(self.ca_key), encoding="ascii", errors="replace") as fh:
+                head = fh.read(200)
+        except OSError:
+            return False
+        return "ENCRYPTED" in head
+
     def require_ca(self) -> None:
         """Refuse to work on a directory that holds no CA (wrong --pki-dir, or init not run)."""
         missing = [rel for rel in (self.ca_cert, self.ca_key, self.openssl_cnf, self.index, self.serial)

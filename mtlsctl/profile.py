@@ -30,6 +30,7 @@ class KeySpec(_Strict):
     type: Literal["rsa", "ec"] = "rsa"
     bits: int | None = Field(default=None, ge=2048, le=8192, description="RSA only: 2048..8192")
     curve: Literal["P-256", "P-384"] | None = Field(default=None, description="EC only")
+    encrypt: bool = Field(default=False, description="ca.key only: AES-256-encrypt private/ca.key; every signing asks for its passphrase")
 
     @model_validator(mode="after")
     def _fits_type(self) -> KeySpec:
@@ -42,8 +43,8 @@ class KeySpec(_Strict):
     def resolved(self, default_bits: int, default_curve: str) -> KeySpec:
         """This spec with the context's default size filled in."""
         if self.type == "rsa":
-            return KeySpec(type="rsa", bits=self.bits or default_bits)
-        return KeySpec(type="ec", curve=self.curve or default_curve)  # type: ignore[arg-type]
+            return KeySpec(type="rsa", bits=self.bits or default_bits, encrypt=self.encrypt)
+        return KeySpec(type="ec", curve=self.curve or default_curve, encrypt=self.encrypt)  # type: ignore[arg-type]
 
     def describe(self) -> str:
         return f"RSA {self.bits}-bit" if self.type == "rsa" else f"EC {self.curve}"
@@ -107,6 +108,14 @@ class CaProfile(_Strict):
 
 class ClientsProfile(_Strict):
     key: KeySpec = KeySpec(type="rsa", bits=2048)
+
+    @field_validator("key")
+    @classmethod
+    def _no_encrypt(cls, v: KeySpec) -> KeySpec:
+        if v.encrypt:
+            raise ValueError("encrypt is for ca.key; client keys are protected by their PKCS#12 password")
+        return v
+
     days: int = Field(default=365, ge=1, le=3650)
     p12: Literal["compat", "modern", "legacy"] = "compat"
 
@@ -294,6 +303,14 @@ class Profile(_Strict):
     renew: RenewProfile = RenewProfile()
     nginx: NginxProfile = NginxProfile()
 
+    @model_validator(mode="before")
+    @classmethod
+    def _empty_sections(cls, data: Any) -> Any:
+        """`nginx:` with nothing under it is YAML null: read it as an empty section, as a person means it."""
+        if isinstance(data, dict):
+            return {k: ({} if v is None and k in ("ca", "clients", "crl", "renew", "nginx") else v) for k, v in data.items()}
+        return data
+
     @field_validator("pki_dir")
     @classmethod
     def _pki_dir(cls, v: str | None) -> str | None:
@@ -309,7 +326,7 @@ class Profile(_Strict):
         data = self.model_dump(mode="json")
         data["pki_dir"] = str(pki_dir)
         data["ca"]["key"] = self.ca.key_spec.model_dump(mode="json", exclude_none=True)
-        data["clients"]["key"] = self.clients.key_spec.model_dump(mode="json", exclude_none=True)
+        data["clients"]["key"] = self.clients.key_spec.model_dump(mode="json", exclude_none=True, exclude={"encrypt"})
         data["ca"]["subject"] = dict(self.ca.subject.fields())
         return data
 

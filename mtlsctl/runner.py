@@ -17,7 +17,7 @@ import shlex
 import subprocess
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -52,10 +52,14 @@ class Command:
     label: str = ""
     secret: str | None = field(default=None, repr=False)
     slow: bool = False
+    # Secrets handed over on pipes: the token "fd:@0" in argv becomes "fd:N" for the first, and so on.
+    fd_secrets: tuple[str, ...] = field(default=(), repr=False)
+    # The command loads private/ca.key: when the key is encrypted, the Runner adds `-passin fd:N`.
+    uses_ca_key: bool = False
 
     def display(self) -> str:
         """The command line, shell-quoted; says where the password goes instead of showing it."""
-        line = shlex.join(self.argv)
+        line = shlex.join(self.argv).replace("fd:@", "fd:")
         return line + "   # password on stdin" if self.secret is not None else line
 
 
@@ -126,19 +130,51 @@ def summarize_stderr(stderr: str) -> str:
     return "no message on stderr"
 
 
-def _lock_fds() -> dict[str, tuple[int, ...]]:
+def _pass_fds(extra: tuple[int, ...] = ()) -> dict[str, tuple[int, ...]]:
+    """Descriptors the child keeps: the PKI lock (see files.HELD_LOCK_FDS) and secret pipes."""
     from mtlsctl.files import HELD_LOCK_FDS
 
-    return {"pass_fds": tuple(sorted(HELD_LOCK_FDS))} if HELD_LOCK_FDS else {}
+    fds = tuple(sorted(HELD_LOCK_FDS)) + extra
+    return {"pass_fds": fds} if fds else {}
 
 
 class Runner:
     """Runs Commands with a scrubbed environment in a working directory; raises on failure."""
 
-    def __init__(self, reporter: Reporter | None = None) -> None:
+    def __init__(self, reporter: Reporter | None = None,
+                 ca_passphrase: Callable[[Path | None], str | None] | None = None) -> None:
         self.reporter: Reporter = reporter or SilentReporter()
+        # Asked, with the PKI directory, when a command loads the CA key; returns None for a plain key.
+        self.ca_passphrase = ca_passphrase
 
     def run(self, cmd: Command, cwd: Path | None = None, check: bool = True) -> Result:
+        argv, secrets = list(cmd.argv), list(cmd.fd_secrets)
+        if cmd.uses_ca_key and self.ca_passphrase is not None:
+            passphrase = self.ca_passphrase(cwd)
+            if passphrase is not None:
+                argv += ["-passin", f"fd:@{len(secrets)}"]
+                secrets.append(passphrase)
+        if secrets:
+            return self._run_with_pipes(cmd, argv, secrets, cwd, check)
+        return self._run(cmd, argv, cwd, check, ())
+
+    def _run_with_pipes(self, cmd: Command, argv: list[str], secrets: list[str], cwd: Path | None,
+                        check: bool) -> Result:
+        """Each secret goes down its own pipe; argv names only the descriptor (never the secret)."""
+        fds = []
+        try:
+            for i, secret in enumerate(secrets):
+                r, w = os.pipe()
+                fds.append(r)
+                os.write(w, (secret + "\n").encode())
+                os.close(w)
+                argv = [a.replace(f"fd:@{i}", f"fd:{r}") for a in argv]
+            return self._run(cmd, argv, cwd, check, tuple(fds))
+        finally:
+            for r in fds:
+                os.close(r)
+
+    def _run(self, cmd: Command, argv: list[str], cwd: Path | None, check: bool, extra_fds: tuple[int, ...]) -> Result:
         if cmd.label:
             self.reporter.step(cmd.label)
         stdin_text = "" if cmd.secret is None else cmd.secret + "\n"
@@ -149,14 +185,14 @@ class Runner:
             ticker.start()
         try:
             proc = subprocess.run(
-                list(cmd.argv),
+                argv,
                 cwd=str(cwd) if cwd is not None else None,
                 input=stdin_text,
                 capture_output=True,
                 text=True,
                 env=child_env(),
                 check=False,
-                **_lock_fds(),
+                **_pass_fds(extra_fds),
             )
         except FileNotFoundError as exc:
             raise StateError(
