@@ -232,6 +232,10 @@ def init(
         root = settings.pki.root
         runner = Runner(TerminalReporter(), ca_passphrase=lambda cwd: passphrase if cwd == root else None)
     result = ca.init_pki(settings, runner, ca_passphrase=passphrase)
+    if settings.profile.ocsp is not None:
+        from mtlsctl import ocsp
+
+        ocsp.setup(settings, runner)
     if as_json:
         _print_json({
             "pki_dir": str(result.pki_dir), "ca_cert": str(result.ca_cert), "ca_key": str(result.ca_key),
@@ -436,6 +440,11 @@ def revoke(
         return
     result = lifecycle.revoke(settings, name=name, serial_hex=serial_hex, why=why, runner=_runner(settings, signs=True))
     reloaded, error = _reload(settings, bool(result.revoked), no_reload)
+    if result.revoked and name is not None:
+        from mtlsctl import ocsp
+
+        if ocsp.prime(settings, name, _runner()):
+            _info("OCSP responder primed: its next answer for this certificate says revoked")
     if as_json:
         _print_json({"revoked": result.revoked, "already_revoked": result.already, "expired": result.expired,
                      "reason": why, "crl": _crl_json(result.crl), "reloaded": reloaded})
@@ -872,6 +881,91 @@ def ca_passphrase_change(
     print("private/ca.key is now encrypted with the new passphrase")
 
 
+ocsp_app = typer.Typer(help="OCSP responder for client certificates (nginx ssl_ocsp).", no_args_is_help=True)
+app.add_typer(ocsp_app, name="ocsp")
+
+
+@ocsp_app.command("setup")
+def ocsp_setup(ctx: typer.Context) -> None:
+    """Put the profile's ocsp.url into openssl.cnf and issue the OCSP signing certificate.
+
+    \b
+    Client certificates issued from now on carry the responder URL (authorityInfoAccess); older ones
+    do not: nginx then uses ssl_ocsp_responder for them. The signer (certs/ocsp-responder.crt, EKU
+    OCSPSigning) has a short validity (ocsp.signer_days) and is renewed by `mtlsctl renew`.
+
+    \b
+    Example:
+      mtlsctl ocsp setup && mtlsctl ocsp serve
+    """
+    from mtlsctl import ocsp
+
+    settings = _settings(ctx)
+    result = ocsp.setup(settings, _runner(settings, signs=True))
+    if result.config_rendered:
+        print("openssl.cnf re-rendered: new client certificates carry the OCSP URL")
+    print(f"OCSP signer: {'issued, serial ' + result.signer_serial if result.signer_serial else 'already valid'}")
+
+
+@ocsp_app.command("serve")
+def ocsp_serve(
+    ctx: typer.Context,
+    health_interval: float = typer.Option(10.0, "--health-interval", metavar="SECONDS",
+                                          help="Send one real OCSP request this often; restart a responder that does not answer."),
+) -> None:
+    """Run the responder in the foreground (openssl ocsp -index index.txt -port ... -nmin ...).
+
+    \b
+    WARNING: openssl's -port binds EVERY interface; firewall the port so only nginx hosts reach it.
+    A systemd unit is in docs/systemd/mtlsctl-ocsp.service. Its pid is kept in <pki>/ocsp.pid, so that
+    `mtlsctl revoke` can prime it (its first answer after a change is stale). mtlsctl supervises it:
+    OpenSSL 3.0's responder stops answering after a connection that sends no request (a port probe),
+    so a responder that fails a health request is restarted.
+
+    \b
+    Example:
+      mtlsctl ocsp serve
+    """
+    from mtlsctl import ocsp
+
+    settings = _settings(ctx)
+    _info(f"warning: openssl ocsp binds port {settings.profile.ocsp.port if settings.profile.ocsp else '?'} on EVERY interface; "
+          "firewall it so only nginx reaches it")
+    if not 0.2 <= health_interval <= 3600:
+        raise InputError(f"--health-interval {health_interval} is out of range", hint="use 0.2 to 3600 seconds")
+    _info("# " + ocsp.serve_command(settings).display())
+    code = ocsp.serve(settings, _runner(), health_interval=health_interval, log=lambda m: _info(f"warning: {m}"))
+    if code:
+        raise typer.Exit(1)
+
+
+@ocsp_app.command("check")
+def ocsp_check(
+    ctx: typer.Context,
+    name: str = typer.Argument(..., help="Client name (asks about certs/NAME.crt)."),
+    as_json: bool = typer.Option(False, "--json", help="Print name and status as JSON."),
+) -> None:
+    """Ask the responder about a client: good, revoked, unknown or unreachable (exit 0 only for good).
+
+    \b
+    Runs: openssl ocsp -issuer ca/ca.crt -cert certs/NAME.crt -url URL -CAfile ca/ca.crt
+
+    \b
+    Example:
+      mtlsctl ocsp check iphone-jmrp
+    """
+    from mtlsctl import ocsp
+
+    settings = _settings(ctx)
+    status, detail = ocsp.check(settings, name, _runner())
+    if as_json:
+        _print_json({"name": name, "status": status})
+    else:
+        print(f"{name}: {status}" + (f" ({detail})" if status == "unreachable" else ""))
+    if status != "good":
+        raise typer.Exit(1)
+
+
 @app.command("add-server")
 def add_server(
     ctx: typer.Context,
@@ -955,7 +1049,8 @@ def nginx_render(
             raise InputError(f"--rate-limit {rate_limit!r} / --burst {burst!r}: {exc.errors()[0]['msg'].removeprefix('Value error, ')}",
                              hint="e.g. --rate-limit 5r/s --burst 10") from None
     settings = _settings(ctx)
-    text, warnings = render_site(settings.pki, settings.profile.nginx, verify_client=verify_client, rate_limit=limit)
+    text, warnings = render_site(settings.pki, settings.profile.nginx, verify_client=verify_client, rate_limit=limit,
+                                   ocsp=settings.profile.ocsp)
     for w in warnings:
         _info(f"warning: {w}")
     if out is None:

@@ -21,6 +21,9 @@ from mtlsctl.profile import KeySpec
 from mtlsctl.runner import Command, Runner
 
 
+EXTENSIONS = {"client": "v3_client", "server": "v3_server", "ocsp": "v3_ocsp"}
+
+
 def generate_password() -> str:
     """24 URL-safe characters from `secrets` (FIELD-NOTES: at least 20)."""
     return secrets.token_urlsafe(18)
@@ -34,11 +37,11 @@ class IssueRequest:
     p12: str
     sans: tuple[str, ...] = ()
     password: str | None = field(default=None, repr=False)  # None: generate one
-    kind: str = "client"  # "server": v3_server (serverAuth), no PKCS#12 bundle
+    kind: str = "client"  # "server": v3_server (serverAuth); "ocsp": v3_ocsp (OCSPSigning); neither gets a bundle
 
     @property
     def extensions(self) -> str:
-        return "v3_server" if self.kind == "server" else "v3_client"
+        return EXTENSIONS[self.kind]
 
 
 @dataclass(frozen=True)
@@ -92,7 +95,7 @@ def issue_commands(req: IssueRequest) -> list[Command]:
         openssl.client_csr(files.key, files.csr, req.name, req.sans),
         openssl.ca_sign(files.csr, files.crt, req.days, extensions=req.extensions),
     ]
-    if req.kind == "client":
+    if req.kind == "client":  # servers and the OCSP signer get no bundle
         cmds += [
             openssl.pkcs12_export(req.name, files.key, files.crt, files.p12, req.password, req.p12),
             openssl.pkcs12_check(files.p12, req.password, req.p12),
@@ -103,18 +106,18 @@ def issue_commands(req: IssueRequest) -> list[Command]:
 def plan_issue(settings: Settings, req: IssueRequest) -> list[Command]:
     """What --dry-run shows: the same checks as a real run (CA present, no conflict), then the commands."""
     settings.pki.require_ca()
-    if req.kind == "server":
-        require_server_section(settings.pki)
+    if req.kind != "client":
+        require_section(settings.pki, req.extensions)
     _refuse_conflicts(settings.pki, req.name)
     return issue_commands(req)
 
 
-def require_server_section(pki: Pki) -> None:
-    """A PKI whose openssl.cnf predates add-server (or was written by hand) has no [ v3_server ]."""
-    if "[ v3_server ]" not in pki.path(pki.openssl_cnf).read_text(errors="replace"):
+def require_section(pki: Pki, section: str) -> None:
+    """A PKI whose openssl.cnf predates a feature (or was written by hand) lacks its extension section."""
+    if f"[ {section} ]" not in pki.path(pki.openssl_cnf).read_text(errors="replace"):
         raise InputError(
-            f"{pki.path(pki.openssl_cnf)} has no [ v3_server ] section",
-            hint="add the [ v3_server ] section from mtlsctl's openssl.cnf.template (CA:FALSE, serverAuth) and run again",
+            f"{pki.path(pki.openssl_cnf)} has no [ {section} ] section",
+            hint=f"add the [ {section} ] section from mtlsctl's openssl.cnf.template and run again",
         )
 
 
@@ -180,8 +183,8 @@ def issue_client(settings: Settings, req: IssueRequest, runner: Runner) -> Issue
     pki = settings.pki
     pki.require_ca()
     _refuse_conflicts(pki, req.name)
-    if req.kind == "server":
-        require_server_section(pki)
+    if req.kind != "client":
+        require_section(pki, req.extensions)
     password = req.password if req.password is not None else generate_password()
     files = ClientFiles(req.name)
     keygen, csr, sign = issue_commands(req)[:3]
@@ -191,7 +194,7 @@ def issue_client(settings: Settings, req: IssueRequest, runner: Runner) -> Issue
         produce(tx, pki.path(files.csr), MODE_PUBLIC, lambda: runner.run(csr, cwd=pki.root))
         row = sign_into_database(pki, sign, req.name, files.crt, runner, tx)
         tx.checkpoint()  # issued: the key, CSR, certificate and database change stay
-        if req.kind == "server":
+        if req.kind != "client":
             return IssueResult(
                 name=req.name, serial=row.serial, not_after=row.expires, key=pki.path(files.key),
                 csr=pki.path(files.csr), crt=pki.path(files.crt), p12=None, p12_profile=None, password=None, sans=req.sans,

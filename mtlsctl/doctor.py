@@ -203,7 +203,7 @@ def check_nginx(settings: Settings) -> list[Finding]:
             out.append(Finding("nginx", "error", f"nginx.{what} {path} does not exist",
                                "mtlsctl add-server / mtlsctl nginx render --out ..." if what != "server_key" else "check the path"))
     if os.path.exists(nginx.site_file):
-        text, _ = render_site(settings.pki, nginx)
+        text, _ = render_site(settings.pki, nginx, ocsp=settings.profile.ocsp)
         with open(nginx.site_file, encoding="utf-8", errors="replace") as fh:
             if fh.read() != text:
                 out.append(Finding("nginx", "warn", f"{nginx.site_file} differs from what the profile renders now",

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 
 from mtlsctl import db, openssl, validate
-from mtlsctl.client import generate_password, sign_into_database
+from mtlsctl.client import EXTENSIONS, generate_password, sign_into_database
 from mtlsctl.crl import CrlInfo, generate_crl, is_due, read_crl_info, read_crl_info_or_none
 from mtlsctl.errors import InputError, MtlsError, StateError
 from mtlsctl.files import MODE_PUBLIC, MODE_SECRET, Transaction, atomic_write, normalize_modes, pki_lock, protect_database
@@ -58,14 +58,16 @@ def cert_file(pki: Pki, row: db.IndexRow) -> str:
     raise StateError(f"no file holds the certificate with serial {row.serial}", hint=f"{newcert} is missing")
 
 
-def is_server_cert(pki: Pki, row: db.IndexRow, runner: Runner) -> bool:
-    """Was this row issued with v3_server? `openssl ca -out` writes a text dump above the PEM, so the
-    archived newcerts/SERIAL.pem says so without running openssl; a file without the dump is asked."""
+def cert_kind(pki: Pki, row: db.IndexRow, runner: Runner) -> str:
+    """client, server or ocsp: which section issued this row. `openssl ca -out` writes a text dump above
+    the PEM, so newcerts/SERIAL.pem says so without running openssl; a file without the dump is asked."""
     path = pki.path(f"newcerts/{row.serial}.pem")
     text = path.read_text(errors="replace") if path.exists() else ""
     if "X509v3 extensions:" not in text:
         text = runner.run(Command(("openssl", "x509", "-in", cert_file(pki, row), "-noout", "-text")), cwd=pki.root).stdout
-    return "TLS Web Server Authentication" in text
+    if "OCSP Signing" in text:
+        return "ocsp"
+    return "server" if "TLS Web Server Authentication" in text else "client"
 
 
 def revoke_command(cert: str, why: str) -> Command:
@@ -282,7 +284,7 @@ def _renew_one(settings: Settings, row: db.IndexRow, days: int, now: datetime, r
     if not pki.path(files.csr).exists():
         raise StateError(f"CSR not found at {files.csr}; cannot renew automatically",
                          hint=f"issue a new certificate: mtlsctl revoke {name} && mtlsctl add-client {name}")
-    server = is_server_cert(pki, row, runner)
+    kind = cert_kind(pki, row, runner)
     with Transaction(pki.root) as tx:
         _allow_overlap(pki, tx)
         archived = _archive_name(pki, files.crt, now)
@@ -290,7 +292,9 @@ def _renew_one(settings: Settings, row: db.IndexRow, days: int, now: datetime, r
         tx.created(pki.path(archived))
         shutil.copy2(pki.path(source), pki.path(archived))
         tx.snapshot(pki.path(files.crt))
-        sign = openssl.ca_sign(files.csr, files.crt, days, extensions="v3_server" if server else "v3_client")
+        if kind == "ocsp" and settings.profile.ocsp is not None:
+            days = settings.profile.ocsp.signer_days  # the OCSP signer keeps its short validity
+        sign = openssl.ca_sign(files.csr, files.crt, days, extensions=EXTENSIONS[kind])
         new_row = sign_into_database(pki, sign, name, files.crt, runner, tx)
         tx.checkpoint()  # the new certificate is issued: keep it whatever happens next
     result = Renewed(name, row.serial, new_row.serial, new_row.expires, archived)
@@ -302,8 +306,10 @@ def _renew_one(settings: Settings, row: db.IndexRow, days: int, now: datetime, r
                 tx.checkpoint()
         except MtlsError as exc:
             problems.append(f"the old certificate {row.serial} was not revoked: {exc.message}")
-    if server:
+    if kind == "server":
         result.warning = "server certificate: reload nginx to serve the new one"
+    elif kind == "ocsp":
+        result.warning = "OCSP signer: restart `mtlsctl ocsp serve` to use the new one"
     elif pki.path(files.key).exists():
         try:
             result.password = generate_password()

@@ -40,6 +40,8 @@ def render_openssl_cnf(profile: Profile, pki: Pki) -> str:
             "digest": ca.digest,
             "ca_bits": str(ca.key_spec.bits or 4096),
             "ca_subject": subject,
+            "client_aia": (f"# OCSP responder (profile ocsp.url)\nauthorityInfoAccess     = OCSP;URI:{profile.ocsp.url}"
+                           if profile.ocsp else "# no OCSP responder (profile ocsp: not set)"),
         },
     )
 

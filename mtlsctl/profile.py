@@ -295,6 +295,30 @@ class NginxProfile(_Strict):
         return v
 
 
+class OcspProfile(_Strict):
+    """An OCSP responder for client certificates (`mtlsctl ocsp serve`) and nginx's ssl_ocsp."""
+
+    url: str = Field(description="responder URL put in client certificates and nginx: http://IP:PORT (an IP literal: nginx then needs no resolver)")
+    port: int = Field(ge=1, le=65535, description="port `ocsp serve` listens on (all interfaces: openssl's -port takes no address)")
+    nmin: int = Field(default=5, ge=1, le=1440, description="minutes until an answer's nextUpdate: how long nginx may cache a 'good'")
+    signer_days: int = Field(default=90, ge=2, le=3650, description="validity of the OCSP signing certificate (renewed by `renew`)")
+    cache: bool = Field(default=True, description="render ssl_ocsp_cache (answers cached until nextUpdate) in the nginx site")
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        import ipaddress
+
+        m = re.match(r"^http://(\[[0-9A-Fa-f:.]+\]|[0-9.]+)(:[0-9]{1,5})?(/[A-Za-z0-9._~/-]*)?$", v)
+        if not m:
+            raise ValueError("must be http://IP[:PORT][/PATH] with an IP literal (nginx would need a resolver for a name)")
+        try:
+            ipaddress.ip_address(m.group(1).strip("[]"))
+        except ValueError:
+            raise ValueError(f"{m.group(1)} is not an IP address") from None
+        return v
+
+
 class Profile(_Strict):
     pki_dir: str | None = Field(default=None, description="where the PKI lives; default /etc/nginx/pki")
     ca: CaProfile = CaProfile()
@@ -302,6 +326,14 @@ class Profile(_Strict):
     crl: CrlProfile = CrlProfile()
     renew: RenewProfile = RenewProfile()
     nginx: NginxProfile = NginxProfile()
+    ocsp: OcspProfile | None = Field(default=None, description="off unless set: see docs/ocsp.md")
+
+    @model_validator(mode="after")
+    def _signer_outlives_renewal(self) -> Profile:
+        if self.ocsp is not None and self.ocsp.signer_days <= self.renew.within_days:
+            raise ValueError(f"ocsp.signer_days ({self.ocsp.signer_days}) must be more than renew.within_days "
+                             f"({self.renew.within_days}), or every renew would replace the OCSP signer")
+        return self
 
     @model_validator(mode="before")
     @classmethod

@@ -26,6 +26,8 @@ CASES = {
                   "allow": ["CN=iphone-jmrp", "~CN=admin-.*"], "rate_limit": {"rate": "5r/s", "burst": 10},
                   "http2": False, "crl": True, "session_timeout": "5m"},
     },
+    "nginx-ocsp.conf": {"ocsp": {"url": "http://10.0.0.2:8889", "port": 8889, "nmin": 5}},
+    "openssl-ocsp.cnf": {"ocsp": {"url": "http://10.0.0.2:8889", "port": 8889}},
     "openssl-defaults.cnf": {},
     "openssl-ec-p384.cnf": {"ca": {"subject": {"CN": "Lab CA", "O": "Lab"}, "key": {"type": "ec", "curve": "P-384"}},
                             "clients": {"days": 90}, "crl": {"days": 7, "refresh_within_days": 2}},
@@ -35,7 +37,7 @@ CASES = {
 def _render(name: str, data: dict) -> str:
     profile = parse_profile(data, name)
     if name.startswith("nginx"):
-        text, _ = render_site(PKI, profile.nginx)
+        text, _ = render_site(PKI, profile.nginx, ocsp=profile.ocsp)
     else:
         text = render_openssl_cnf(profile, PKI)
     return text.replace(f"mtlsctl {__version__} ", "mtlsctl VERSION ")
