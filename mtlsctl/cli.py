@@ -364,9 +364,17 @@ def _crl_line(info: Any) -> str:
 
 
 def _reload(settings: Any, changed: bool, no_reload: bool) -> tuple[bool, str | None]:
-    """After a CRL change: nginx test, then reload. Returns (reloaded, error message)."""
+    """After a CRL change: the publish command (when set), then nginx test and reload.
+    Returns (reloaded, error message)."""
     from mtlsctl.nginx import test_and_reload
+    from mtlsctl.publish import publish
 
+    global _LAST_PUBLISH
+    _LAST_PUBLISH = None
+    if changed and settings.profile.publish is not None:
+        _LAST_PUBLISH = publish(settings)
+        if _LAST_PUBLISH.ok:
+            _info(f"published: `{settings.profile.publish.command}` exited 0")
     if not changed or no_reload:
         return False, None
     try:
@@ -378,7 +386,18 @@ def _reload(settings: Any, changed: bool, no_reload: bool) -> tuple[bool, str | 
     return outcome.reloaded, None
 
 
+_LAST_PUBLISH: Any = None
+
+
+def _publish_json() -> Any:
+    return _LAST_PUBLISH.to_json() if _LAST_PUBLISH is not None else {"ran": False, "exit": None, "detail": ""}
+
+
 def _finish_reload(reloaded: bool, error: str | None, as_json: bool) -> None:
+    if _LAST_PUBLISH is not None and not _LAST_PUBLISH.ok:
+        raise ReloadFailed(f"the publish command failed (exit {_LAST_PUBLISH.returncode}): {_LAST_PUBLISH.detail}"
+                           + (f"; also: {error}" if error else ""),
+                           hint="the CRL changed here but did not reach the nginx hosts; fix it and run `mtlsctl crl`")
     if error:
         raise ReloadFailed(f"{error}; nginx still uses the old CRL", hint="fix nginx, then run the reload command (or `mtlsctl crl` again)")
     if reloaded and not as_json:
@@ -447,7 +466,8 @@ def revoke(
             _info("OCSP responder primed: its next answer for this certificate says revoked")
     if as_json:
         _print_json({"revoked": result.revoked, "already_revoked": result.already, "expired": result.expired,
-                     "reason": why, "crl": _crl_json(result.crl), "reloaded": reloaded})
+                     "reason": why, "crl": _crl_json(result.crl), "reloaded": reloaded,
+                     "published": _publish_json()})
     else:
         who = name or f"serial {serial_hex}"
         if result.revoked:
@@ -492,7 +512,8 @@ def crl(
     result = crl_mod.refresh_crl(settings.pki, settings.profile, _runner(settings, signs=True), if_due=if_due)
     reloaded, error = _reload(settings, result.regenerated, no_reload)
     if as_json:
-        _print_json({"regenerated": result.regenerated, **_crl_json(result.info), "reloaded": reloaded})
+        _print_json({"regenerated": result.regenerated, **_crl_json(result.info), "reloaded": reloaded,
+                     "published": _publish_json()})
     elif result.regenerated:
         print(f"CRL regenerated: {_crl_line(result.info)}")
     else:
@@ -602,7 +623,7 @@ def renew(
         _print_json({"renewed": renewed, "superseded_revoked": report.superseded,
                      "failed": [{"name": f.name, "serial": f.serial, "error": f.error} for f in report.failed],
                      "crl": {"regenerated": report.crl_regenerated, **(_crl_json(report.crl) or {})},
-                     "reloaded": reloaded})
+                     "reloaded": reloaded, "published": _publish_json()})
     else:
         if not report.due:
             print(f"Nothing to renew: no valid certificate expires within {within or settings.profile.renew.within_days} days.")

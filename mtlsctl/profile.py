@@ -319,6 +319,21 @@ class OcspProfile(_Strict):
         return v
 
 
+class PublishProfile(_Strict):
+    """A command run after every CRL or chain change, to copy them to the nginx hosts."""
+
+    command: str = Field(description="split like a shell, run without one (rsync, ansible-playbook, ...); "
+                                     "$PKI_DIR, $MTLSCTL_CRL, $MTLSCTL_CA are set for it")
+    timeout: int = Field(default=600, ge=1, le=86400, description="seconds before the command is stopped and reported failed")
+
+    @field_validator("command")
+    @classmethod
+    def _command(cls, v: str) -> str:
+        if _command_line(v) is None:
+            raise ValueError("is empty; remove the publish: section instead")
+        return v
+
+
 class Profile(_Strict):
     pki_dir: str | None = Field(default=None, description="where the PKI lives; default /etc/nginx/pki")
     ca: CaProfile = CaProfile()
@@ -327,6 +342,7 @@ class Profile(_Strict):
     renew: RenewProfile = RenewProfile()
     nginx: NginxProfile = NginxProfile()
     ocsp: OcspProfile | None = Field(default=None, description="off unless set: see docs/ocsp.md")
+    publish: PublishProfile | None = Field(default=None, description="off unless set: see docs/fleet.md")
 
     @model_validator(mode="after")
     def _signer_outlives_renewal(self) -> Profile:

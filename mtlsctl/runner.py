@@ -237,3 +237,15 @@ def spawn(argv: Sequence[str], cwd: Path | None = None, log: Path | None = None)
 def run_argv(argv: Sequence[str], cwd: Path | None = None, check: bool = True) -> Result:
     """Run a non-secret command (nginx -t, a reload command) without a shell."""
     return Runner().run(Command(tuple(argv)), cwd=cwd, check=check)
+
+
+def run_hook(argv: Sequence[str], env: dict[str, str], timeout: float, cwd: Path | None = None) -> Result:
+    """Run an admin's hook (publish) without a shell, with extra environment and a time limit."""
+    try:
+        proc = subprocess.run(list(argv), cwd=str(cwd) if cwd else None, stdin=subprocess.DEVNULL, capture_output=True,
+                              text=True, env={**child_env(), **env}, timeout=timeout, check=False)
+    except FileNotFoundError:
+        return Result(127, "", f"{argv[0]}: command not found")
+    except subprocess.TimeoutExpired:
+        return Result(124, "", f"stopped after {timeout:.0f}s")
+    return Result(proc.returncode, proc.stdout or "", proc.stderr or "")

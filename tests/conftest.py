@@ -114,7 +114,9 @@ def set_profile(pki: Path, **changes: dict) -> None:
     path = pki / "mtls.yaml"
     data = yaml.safe_load(path.read_text())
     for section, values in changes.items():
-        data.setdefault(section, {}).update(values)
+        if data.get(section) is None:
+            data[section] = {}
+        data[section].update(values)
     path.write_text(yaml.safe_dump(data, sort_keys=False))
 
 
