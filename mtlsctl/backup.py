@@ -106,7 +106,8 @@ def restore(backup_file: Path, target: Path, passphrase: str | None, runner: Run
     if target.exists() and any(target.iterdir()):
         raise InputError(f"{target} exists and is not empty", hint="restore into a new directory; mtlsctl never overwrites a PKI")
     data = backup_file.read_bytes()
-    if data.startswith(MAGIC):
+    encrypted = data.startswith(MAGIC)
+    if encrypted:
         if passphrase is None:
             raise InputError("the backup is encrypted", hint="give --passphrase-file FILE or --passphrase-fd N (or run on a terminal)")
         with tempfile.TemporaryDirectory(prefix="mtlsctl-restore.") as tmp:
@@ -118,7 +119,10 @@ def restore(backup_file: Path, target: Path, passphrase: str | None, runner: Run
             data = Path(dst).read_bytes()
     try:
         tar = tarfile.open(fileobj=io.BytesIO(data), mode="r:*")
-    except tarfile.TarError:
+        tar.getmembers()  # reads the whole archive: gzip's CRC catches garbage
+    except (tarfile.TarError, EOFError, OSError):
+        if encrypted:  # openssl enc has no MAC: about 1 wrong passphrase in 256 "decrypts" to garbage
+            raise InputError("cannot decrypt the backup: wrong passphrase, or the file is damaged") from None
         raise InputError(f"{backup_file} is not an mtlsctl backup (not a tar archive)") from None
     with tar:
         members = _safe_members(tar)

@@ -8,8 +8,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from mtlsctl import openssl
-from mtlsctl.crl import gencrl_command, generate_crl
-from mtlsctl.errors import InputError
+from mtlsctl.crl import gencrl_command, generate_crl, generate_root_crl, root_gencrl_command
+from mtlsctl.errors import InputError, StateError
 from mtlsctl.files import (
     MODE_CA_KEY,
     MODE_PRIVATE_DIR,
@@ -49,6 +49,19 @@ def init_commands(settings: Settings, now: datetime | None = None, ca_passphrase
     """The openssl commands `init` runs, in order (what --dry-run prints)."""
     ca = settings.profile.ca
     now = now or datetime.now(timezone.utc)
+    if ca.intermediate is not None:
+        inter = ca.intermediate
+        enc = ca_passphrase if ca.key_spec.encrypt else None
+        return [
+            openssl.genkey(Pki.root_key, ca.key_spec, label=f"generating the root key ({ca.key_spec.describe()})", passphrase=enc),
+            openssl.root_selfsign(ca.days),
+            openssl.genkey(Pki.ca_key, inter.key_spec, label=f"generating the issuing CA key ({inter.key_spec.describe()})",
+                           passphrase=enc),
+            openssl.intermediate_csr(),
+            openssl.intermediate_sign(inter.days),
+            root_gencrl_command(inter.root_crl_days, now),
+            gencrl_command(settings.profile.crl.days, now),
+        ]
     return [
         openssl.genkey(Pki.ca_key, ca.key_spec, label=f"generating the CA key ({ca.key_spec.describe()})",
                        passphrase=ca_passphrase if ca.key_spec.encrypt else None),
@@ -119,9 +132,12 @@ def init_pki(settings: Settings, runner: Runner, now: datetime | None = None, ca
                 if not path.exists():
                     tx.created(path)
                     atomic_write(path, content, MODE_PUBLIC)
-            keygen, selfsign, _ = init_commands(settings, now, ca_passphrase)
-            produce(tx, pki.path(pki.ca_key), MODE_CA_KEY, lambda: runner.run(keygen, cwd=pki.root))
-            produce(tx, pki.path(pki.ca_cert), MODE_PUBLIC, lambda: runner.run(selfsign, cwd=pki.root))
+            if profile.ca.intermediate is not None:
+                _init_two_tier(settings, runner, tx, now, ca_passphrase)
+            else:
+                keygen, selfsign, _ = init_commands(settings, now, ca_passphrase)
+                produce(tx, pki.path(pki.ca_key), MODE_CA_KEY, lambda: runner.run(keygen, cwd=pki.root))
+                produce(tx, pki.path(pki.ca_cert), MODE_PUBLIC, lambda: runner.run(selfsign, cwd=pki.root))
             tx.created(pki.path(pki.crl))
             generate_crl(pki, profile.crl.days, runner, tx, now)
             tx.created(pki.path(pki.profile))
@@ -139,6 +155,34 @@ def init_pki(settings: Settings, runner: Runner, now: datetime | None = None, ca
         days=profile.ca.days,
         subject=subject,
     )
+
+
+def _init_two_tier(settings: Settings, runner: Runner, tx: Transaction, now: datetime | None, passphrase: str | None) -> None:
+    """Root (pathlen:1) with its own database under root/, then the issuing CA (pathlen:0) signed by it."""
+    from mtlsctl import db
+
+    pki = settings.pki
+    root_key, root_cert, inter_key, csr, sign, _root_crl, _crl = init_commands(settings, now, passphrase)
+    for rel in ("root", "root/newcerts"):
+        pki.path(rel).mkdir(mode=MODE_PUBLIC_DIR)
+        tx.created(pki.path(rel))
+    for rel, content in INITIAL_FILES.items():
+        tx.created(pki.path(f"root/{rel}"))
+        atomic_write(pki.path(f"root/{rel}"), content, MODE_PUBLIC)
+    produce(tx, pki.path(pki.root_key), MODE_CA_KEY, lambda: runner.run(root_key, cwd=pki.root))
+    produce(tx, pki.path(pki.root_cert), MODE_PUBLIC, lambda: runner.run(root_cert, cwd=pki.root))
+    produce(tx, pki.path(pki.ca_key), MODE_CA_KEY, lambda: runner.run(inter_key, cwd=pki.root))
+    produce(tx, pki.path("ca/ca.csr"), MODE_PUBLIC, lambda: runner.run(csr, cwd=pki.root))
+    tx.may_create(pki.path("root/newcerts/1000.pem"))
+    produce(tx, pki.path(pki.ca_cert), MODE_PUBLIC, lambda: runner.run(sign, cwd=pki.root))
+    rows = db.read_index(pki.path("root/index.txt"))
+    if [r.serial for r in rows] != ["1000"]:
+        raise StateError("the root's database does not hold the issuing CA after signing", hint="run init again")
+    chain = "".join(db.pem_block(pki.path(rel).read_text()) for rel in (pki.ca_cert, pki.root_cert))
+    tx.created(pki.path(pki.chain))
+    atomic_write(pki.path(pki.chain), chain, MODE_PUBLIC)
+    tx.created(pki.path(pki.root_crl))
+    generate_root_crl(pki, settings.profile.ca.intermediate.root_crl_days, runner, tx, now)  # type: ignore[union-attr]
 
 
 def passphrase_check(passphrase: str | None) -> Command:
@@ -162,3 +206,33 @@ def change_passphrase(pki: Pki, old: str | None, new: str, runner: Runner) -> No
             label="re-encrypting private/ca.key", fd_secrets=secrets), cwd=pki.root))
         runner.run(Command(("openssl", "pkey", "-in", tmp, "-noout", "-passin", "fd:@0"), fd_secrets=(new,)), cwd=pki.root)
         os.replace(pki.path(tmp), pki.path(pki.ca_key))
+
+
+def export_root_offline(pki: Pki, out: Path) -> Path:
+    """Move private/root.key out of the PKI (to removable media, say): written to `out` (0400), compared,
+    then removed here. Commands that need it (`crl --root`) take it back by path (--root-key FILE)."""
+    if not pki.has_chain():
+        raise InputError("this PKI has no separate root (profile ca.intermediate is not set)",
+                         hint="with a single CA, the CA key signs every client and must stay")
+    src = pki.path(pki.root_key)
+    if not src.exists():
+        raise InputError("private/root.key is not here: it was exported already")
+    out = out.absolute()
+    if out.exists():
+        raise InputError(f"{out} already exists", hint="mtlsctl never overwrites a key")
+    if pki.root in out.parents:
+        raise InputError("--out is inside the PKI directory", hint="write it to removable media or another host")
+    if not out.parent.is_dir():
+        raise InputError(f"--out {out}: directory {out.parent} does not exist")
+    with pki_lock(pki.lock_path):
+        data = src.read_bytes()
+        fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_EXCL, MODE_CA_KEY)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        if out.read_bytes() != data:
+            out.unlink()
+            raise StateError(f"the copy at {out} does not match; private/root.key was kept")
+        src.unlink()
+    return out

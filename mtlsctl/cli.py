@@ -333,7 +333,8 @@ def export(
         settings.pki.require_ca()
         target = out.absolute() if out else settings.pki.path(f"certs/{name}.p12")
         rel = os.path.relpath(target.parent / f".{target.name}.tmp", settings.pki.root)
-        _print_dry_run(settings.pki.root, client.export_commands(name, rel, p12 or settings.profile.clients.p12),
+        _print_dry_run(settings.pki.root, client.export_commands(name, rel, p12 or settings.profile.clients.p12,
+                                                                 settings.pki.ca_bundle),
                        [f"then rename to {target}"])
         return
     password = _read_password(password_stdin, password_file)
@@ -484,6 +485,8 @@ def revoke(
 def crl(
     ctx: typer.Context,
     if_due: bool = typer.Option(False, "--if-due", help="Only when nextUpdate is within crl.refresh_within_days (for timers)."),
+    root: bool = typer.Option(False, "--root", help="Regenerate the root's CRL instead (two-tier PKI; needs the root key)."),
+    root_key: Path | None = typer.Option(None, "--root-key", metavar="FILE", help="The root key, once exported offline."),
     no_reload: bool = typer.Option(False, "--no-reload", help=NO_RELOAD_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print this_update, next_update, crl_number, revoked count."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the openssl commands and change nothing."),
@@ -508,6 +511,16 @@ def crl(
         settings.pki.require_ca()
         _print_dry_run(settings.pki.root, [crl_mod.gencrl_command(settings.profile.crl.days, datetime.now(timezone.utc))],
                        [f"then rename to {settings.pki.crl}"])
+        return
+    if root or root_key is not None:
+        info = crl_mod.refresh_root_crl(settings.pki, settings.profile, _runner(settings, signs=True),
+                                        str(root_key.absolute()) if root_key else None)
+        reloaded, error = _reload(settings, True, no_reload)
+        if as_json:
+            _print_json({"regenerated": True, "root": True, **_crl_json(info), "reloaded": reloaded, "published": _publish_json()})
+        else:
+            print(f"Root CRL regenerated: {_crl_line(info)}; crl/chain.crl rebuilt")
+        _finish_reload(reloaded, error, as_json)
         return
     result = crl_mod.refresh_crl(settings.pki, settings.profile, _runner(settings, signs=True), if_due=if_due)
     reloaded, error = _reload(settings, result.regenerated, no_reload)
@@ -985,6 +998,33 @@ def ocsp_check(
         print(f"{name}: {status}" + (f" ({detail})" if status == "unreachable" else ""))
     if status != "good":
         raise typer.Exit(1)
+
+
+root_app = typer.Typer(help="The root of a two-tier PKI (profile ca.intermediate).", no_args_is_help=True)
+app.add_typer(root_app, name="root")
+
+
+@root_app.command("export-offline")
+def root_export_offline(
+    ctx: typer.Context,
+    out: Path = typer.Option(..., "--out", metavar="FILE", help="Where the root key goes (removable media); never overwritten."),
+) -> None:
+    """Move the root key out of the PKI: it signs only the issuing CA and the root CRL.
+
+    \b
+    Afterwards `mtlsctl crl --root --root-key FILE` refreshes the root CRL (due every
+    ca.intermediate.root_crl_days); everything else keeps working with the issuing CA's key.
+
+    \b
+    Example:
+      mtlsctl root export-offline --out /media/usb/root.key && umount /media/usb
+    """
+    from mtlsctl.ca import export_root_offline
+
+    settings = _settings(ctx)
+    path = export_root_offline(settings.pki, out)
+    print(f"Root key moved to {path} (mode 400) and removed from {settings.pki.path(settings.pki.root_key)}")
+    print("Refresh the root CRL before it expires with: mtlsctl crl --root --root-key " + str(path))
 
 
 @app.command("add-server")

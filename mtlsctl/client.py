@@ -87,7 +87,7 @@ def build_request(settings: Settings, name: str, *, days: int | None = None, key
     )
 
 
-def issue_commands(req: IssueRequest) -> list[Command]:
+def issue_commands(req: IssueRequest, certfile: str = Pki.ca_cert) -> list[Command]:
     """The openssl commands add-client (or add-server) runs, in order (what --dry-run prints)."""
     files = ClientFiles(req.name)
     cmds = [
@@ -97,7 +97,7 @@ def issue_commands(req: IssueRequest) -> list[Command]:
     ]
     if req.kind == "client":  # servers and the OCSP signer get no bundle
         cmds += [
-            openssl.pkcs12_export(req.name, files.key, files.crt, files.p12, req.password, req.p12),
+            openssl.pkcs12_export(req.name, files.key, files.crt, files.p12, req.password, req.p12, certfile),
             openssl.pkcs12_check(files.p12, req.password, req.p12),
         ]
     return cmds
@@ -109,7 +109,7 @@ def plan_issue(settings: Settings, req: IssueRequest) -> list[Command]:
     if req.kind != "client":
         require_section(settings.pki, req.extensions)
     _refuse_conflicts(settings.pki, req.name)
-    return issue_commands(req)
+    return issue_commands(req, settings.pki.ca_bundle)
 
 
 def require_section(pki: Pki, section: str) -> None:
@@ -167,7 +167,7 @@ def sign_into_database(pki: Pki, cmd: Command, name: str, crt: str, runner: Runn
 def write_p12(pki: Pki, name: str, out: str, password: str, profile: str, runner: Runner, tx: Transaction) -> None:
     """Export the bundle (mode 600), then read it back with the password."""
     files = ClientFiles(name)
-    export = openssl.pkcs12_export(name, files.key, files.crt, out, password, profile)
+    export = openssl.pkcs12_export(name, files.key, files.crt, out, password, profile, pki.ca_bundle)
     produce(tx, pki.path(out), MODE_SECRET, lambda: runner.run(export, cwd=pki.root))
     runner.run(openssl.pkcs12_check(out, password, profile), cwd=pki.root)
 
@@ -222,10 +222,10 @@ class ExportResult:
     password: str | None = field(repr=False)  # only when generated
 
 
-def export_commands(name: str, out: str, profile: str) -> list[Command]:
+def export_commands(name: str, out: str, profile: str, certfile: str = Pki.ca_cert) -> list[Command]:
     files = ClientFiles(name)
     return [
-        openssl.pkcs12_export(name, files.key, files.crt, out, "", profile),
+        openssl.pkcs12_export(name, files.key, files.crt, out, "", profile, certfile),
         openssl.pkcs12_check(out, "", profile),
     ]
 

@@ -12,8 +12,8 @@ import re
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 
-from mtlsctl.errors import StateError
-from mtlsctl.files import MODE_PUBLIC, Transaction, fsync_dir, normalize_modes, pki_lock, protect_database
+from mtlsctl.errors import InputError, StateError
+from mtlsctl.files import MODE_PUBLIC, Transaction, atomic_write, fsync_dir, normalize_modes, pki_lock, protect_database
 from mtlsctl.pki import Pki
 from mtlsctl.profile import Profile
 from mtlsctl.runner import Command, Runner
@@ -26,6 +26,44 @@ def asn1_time(when: datetime) -> str:
     """The form openssl takes for -crl_lastupdate/-crl_nextupdate (UTCTime until 2049)."""
     when = when.astimezone(timezone.utc)
     return when.strftime("%y%m%d%H%M%SZ" if when.year < 2050 else "%Y%m%d%H%M%SZ")
+
+
+ROOT_CRL_TMP = "crl/.root.crl.tmp"
+
+
+def root_gencrl_command(days: int, now: datetime, root_key: str | None = None) -> Command:
+    """The root's CRL (`openssl ca -name root_ca -gencrl`); `-keyfile` when the root key is kept offline."""
+    keyfile = ("-keyfile", root_key) if root_key else ()
+    return Command(
+        ("openssl", "ca", "-config", "openssl.cnf", "-name", "root_ca", "-gencrl", *keyfile,
+         "-crl_lastupdate", asn1_time(now - CLOCK_SKEW), "-crl_nextupdate", asn1_time(now + timedelta(days=days)),
+         "-out", ROOT_CRL_TMP),
+        label=f"generating the root CRL {Pki.root_crl} (valid {days} days)", uses_ca_key=True)
+
+
+def write_chain_crl(pki: Pki, tx: Transaction) -> None:
+    """crl/chain.crl = the issuing CA's CRL + the root's: nginx's ssl_crl needs a CRL for every CA in the chain."""
+    if not pki.has_chain():
+        return
+    parts = [pki.path(rel).read_text() for rel in (pki.crl, pki.root_crl) if pki.path(rel).exists()]
+    tx.snapshot(pki.path(pki.chain_crl))
+    atomic_write(pki.path(pki.chain_crl), "".join(p if p.endswith("\n") else p + "\n" for p in parts), MODE_PUBLIC)
+
+
+def generate_root_crl(pki: Pki, days: int, runner: Runner, tx: Transaction, now: datetime | None = None,
+                      root_key: str | None = None) -> None:
+    """crl/root.crl from root/index.txt, then crl/chain.crl."""
+    now = now or datetime.now(timezone.utc)
+    for rel in ("root/crlnumber", "root/crlnumber.old", "root/crlnumber.new"):
+        tx.snapshot(pki.path(rel))
+    tmp = pki.path(ROOT_CRL_TMP)
+    tx.may_create(tmp)
+    runner.run(root_gencrl_command(days, now, root_key), cwd=pki.root)
+    os.chmod(tmp, MODE_PUBLIC)
+    normalize_modes(pki.root, ("root/crlnumber", "root/crlnumber.old"))
+    tx.snapshot(pki.path(pki.root_crl))
+    os.replace(tmp, pki.path(pki.root_crl))
+    write_chain_crl(pki, tx)
 
 
 def gencrl_command(days: int, now: datetime, out: str = CRL_TMP) -> Command:
@@ -53,6 +91,7 @@ def generate_crl(pki: Pki, days: int, runner: Runner, tx: Transaction, now: date
     tx.snapshot(final)
     os.replace(tmp, final)
     fsync_dir(final.parent)
+    write_chain_crl(pki, tx)
 
 
 @dataclass(frozen=True)
@@ -133,3 +172,26 @@ def refresh_crl(pki: Pki, profile: Profile, runner: Runner, *, if_due: bool, now
             tx.checkpoint()
     assert info is not None
     return CrlResult(True, info)
+
+
+def read_root_crl_info(pki: Pki, runner: Runner) -> CrlInfo | None:
+    if not pki.path(pki.root_crl).exists():
+        return None
+    return parse_crl_text(runner.run(crl_text_command(pki.root_crl), cwd=pki.root).stdout)
+
+
+def refresh_root_crl(pki: Pki, profile: Profile, runner: Runner, root_key: str | None = None,
+                     now: datetime | None = None) -> CrlInfo:
+    """Regenerate the root's CRL (and crl/chain.crl); the root key is private/root.key or, once exported, `root_key`."""
+    if not pki.has_chain() or profile.ca.intermediate is None:
+        raise InputError("this PKI has no separate root (profile ca.intermediate is not set)")
+    if root_key is None and not pki.path(pki.root_key).exists():
+        raise InputError("the root key is offline (exported with `mtlsctl root export-offline`)",
+                         hint="bring it back by path: mtlsctl crl --root --root-key /media/usb/root.key")
+    if root_key is not None and not os.path.isfile(root_key):
+        raise InputError(f"--root-key {root_key} does not exist")
+    with pki_lock(pki.lock_path), Transaction(pki.root) as tx:
+        generate_root_crl(pki, profile.ca.intermediate.root_crl_days, runner, tx, now, root_key)
+    info = read_root_crl_info(pki, runner)
+    assert info is not None
+    return info

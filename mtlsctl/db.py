@@ -87,6 +87,14 @@ def pem_certificate(text: str) -> str | None:
     return "".join(match.group(0).split()) if match else None
 
 
+def pem_block(text: str) -> str:
+    """The first PEM certificate block of a file, as text with its line breaks (for chain files)."""
+    match = _PEM_RE.search(text)
+    if not match:
+        raise StateError("no PEM certificate in the file")
+    return match.group(0).strip() + "\n"
+
+
 def same_certificate(a: Path, b: Path) -> bool:
     """True when both files hold the same PEM certificate (ignoring text dumps and line breaks)."""
     try:

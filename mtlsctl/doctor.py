@@ -115,6 +115,20 @@ def check_crl(settings: Settings, runner: Runner, now: datetime) -> list[Finding
                                f"write {int(info.crl_number, 16) + 1:X} to crlnumber, then mtlsctl crl"))
     except (OSError, ValueError):
         out.append(Finding("crl", "error", "crlnumber is missing or not hex", "restore it from crlnumber.old or a backup"))
+    if pki.has_chain():
+        res = runner.run(Command(("openssl", "crl", "-in", pki.root_crl, "-noout", "-text", "-CAfile", pki.root_cert)),
+                         cwd=pki.root, check=False)
+        if res.returncode != 0 or "verify OK" not in res.stderr + res.stdout:
+            out.append(Finding("crl", "error", "crl/root.crl is missing, unreadable or not signed by the root",
+                               "mtlsctl crl --root [--root-key FILE]"))
+        else:
+            root = parse_crl_text(res.stdout)
+            if root.next_update <= now:
+                out.append(Finding("crl", "error", f"the ROOT CRL expired on {root.next_update:%Y-%m-%d}: nginx rejects every client",
+                                   "mtlsctl crl --root --root-key FILE"))
+            elif root.next_update - now <= timedelta(days=30):
+                out.append(Finding("crl", "warn", f"the root CRL expires on {root.next_update:%Y-%m-%d}",
+                                   "mtlsctl crl --root --root-key FILE (the root key is needed)"))
     revoked = sum(1 for r in db.read_index(pki.path(pki.index)) if r.status == "R")
     if revoked > info.revoked:
         out.append(Finding("crl", "error", f"index.txt has {revoked} revoked certificates, the CRL lists {info.revoked}",

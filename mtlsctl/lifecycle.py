@@ -426,8 +426,12 @@ _VERDICTS = {
 }
 
 
-def verify_command(crt: str) -> Command:
-    """The guide's debugging command, with the CRL: `openssl verify -crl_check -CAfile ... -CRLfile ...`."""
+def verify_command(crt: str, chain: bool = False) -> Command:
+    """The guide's debugging command, with the CRL: `openssl verify -crl_check -CAfile ... -CRLfile ...`;
+    with an intermediate CA, the whole chain and every CA's CRL (-crl_check_all), as nginx checks it."""
+    if chain:
+        return Command(("openssl", "verify", "-crl_check_all", "-CAfile", Pki.root_cert, "-untrusted", Pki.ca_cert,
+                        "-CRLfile", Pki.chain_crl, crt))
     return Command(("openssl", "verify", "-crl_check", "-CAfile", Pki.ca_cert, "-CRLfile", Pki.crl, crt))
 
 
@@ -440,7 +444,7 @@ def verify(settings: Settings, name: str, runner: Runner) -> VerifyResult:
         raise InputError(f"no certificate for {name!r} ({crt} missing)", hint="see `mtlsctl list`")
     if not pki.path(pki.crl).exists():
         raise StateError("crl/ca.crl is missing", hint="run `mtlsctl crl`")
-    result = runner.run(verify_command(crt), cwd=pki.root, check=False)
+    result = runner.run(verify_command(crt, pki.has_chain()), cwd=pki.root, check=False)
     output = (result.stdout + result.stderr).strip()
     if result.returncode == 0 and output.endswith(": OK"):
         return VerifyResult(name, True, "ok", "OK: signed by this CA, within its validity, not revoked (CRL checked)", output)

@@ -58,7 +58,7 @@ def render_site(pki: Pki, nginx: NginxProfile, *, verify_client: str | None = No
     verify = verify_client or nginx.verify_client
     if verify not in ("on", "optional"):
         raise InputError(f"--verify-client {verify!r} is not allowed", hint="use on or optional (optional_no_ca admits self-signed certificates)")
-    for rel in (pki.ca_cert, pki.crl):
+    for rel in (pki.ca_bundle, pki.crl_bundle):
         try:
             nginx_safe(str(pki.path(rel)), "path")
         except ValueError as exc:
@@ -92,7 +92,7 @@ def render_site(pki: Pki, nginx: NginxProfile, *, verify_client: str | None = No
         checks.append(f"        limit_req zone={site}_req burst={limit.burst} nodelay;\n        limit_req_status 429;")
     if not nginx.crl:
         warnings.append("nginx.crl is false: revoked certificates are ACCEPTED by nginx")
-    crl_line = (f"    ssl_crl {pki.path(pki.crl)};\n" if nginx.crl else
+    crl_line = (f"    ssl_crl {pki.path(pki.crl_bundle)};\n" if nginx.crl else
                 "    # ssl_crl is off (nginx.crl: false in the profile): revoked certificates are accepted!\n")
     if ocsp is not None:
         crl_line += ("    # OCSP for client certificates (nginx >= 1.19.0): every new handshake asks the responder;\n"
@@ -108,7 +108,7 @@ def render_site(pki: Pki, nginx: NginxProfile, *, verify_client: str | None = No
         "listen": _listen_lines(nginx.listen, nginx.http2),
         "server_cert": nginx.server_cert,
         "server_key": nginx.server_key,
-        "client_ca": str(pki.path(pki.ca_cert)),
+        "client_ca": str(pki.path(pki.ca_bundle)),
         "verify_client": verify,
         "verify_depth": str(nginx.verify_depth),
         "crl": crl_line,

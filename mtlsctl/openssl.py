@@ -31,6 +31,9 @@ def render_openssl_cnf(profile: Profile, pki: Pki) -> str:
     """openssl.cnf for this PKI, from openssl.cnf.template and the profile."""
     ca = profile.ca
     subject = "\n".join(f"{attr:<19} = {value}" for attr, value in ca.subject.fields())
+    inter = ca.intermediate
+    inter_subject = ("\n".join(f"{attr:<19} = {value}" for attr, value in inter.subject.fields()) if inter
+                     else "CN                  = (no intermediate: profile ca.intermediate is not set)")
     return render_file(
         "openssl.cnf.template",
         {
@@ -40,6 +43,10 @@ def render_openssl_cnf(profile: Profile, pki: Pki) -> str:
             "digest": ca.digest,
             "ca_bits": str(ca.key_spec.bits or 4096),
             "ca_subject": subject,
+            "intermediate_subject": inter_subject,
+            "intermediate_days": str(inter.days if inter else ca.days),
+            "root_crl_days": str(inter.root_crl_days if inter else profile.crl.days),
+            "root_digest": ca.root_digest,
             "client_aia": (f"# OCSP responder (profile ocsp.url)\nauthorityInfoAccess     = OCSP;URI:{profile.ocsp.url}"
                            if profile.ocsp else "# no OCSP responder (profile ocsp: not set)"),
         },
@@ -94,10 +101,12 @@ def ca_sign(csr: str, crt: str, days: int, extensions: str = "v3_client") -> Com
     )
 
 
-def pkcs12_export(name: str, key: str, crt: str, out: str, password: str | None, profile: str) -> Command:
-    """The guide's bundle: `openssl pkcs12 -export ... -certfile ca/ca.crt -name NAME -passout stdin`."""
+def pkcs12_export(name: str, key: str, crt: str, out: str, password: str | None, profile: str,
+                  certfile: str = Pki.ca_cert) -> Command:
+    """The guide's bundle: `openssl pkcs12 -export ... -certfile ca/ca.crt -name NAME -passout stdin`
+    (`ca/chain.pem` with an intermediate CA, so the device gets the whole chain)."""
     return Command(
-        ("openssl", "pkcs12", "-export", "-out", out, "-inkey", key, "-in", crt, "-certfile", Pki.ca_cert,
+        ("openssl", "pkcs12", "-export", "-out", out, "-inkey", key, "-in", crt, "-certfile", certfile,
          "-name", name, "-passout", "stdin", *P12_FLAGS[profile]),
         label=f"exporting {out} ({profile} PKCS#12)",
         secret=password if password is not None else "",
@@ -118,3 +127,24 @@ def gencrl(out: str = Pki.crl) -> Command:
     """The guide's CRL: `openssl ca -config openssl.cnf -gencrl -out crl/ca.crl`."""
     return Command(("openssl", "ca", "-config", CNF, "-gencrl", "-out", out), label=f"generating the CRL {out}",
                    uses_ca_key=True)
+
+
+# --------------------------------------------------------------- two-tier PKI (ca.intermediate)
+
+
+def root_selfsign(days: int) -> Command:
+    return Command(
+        ("openssl", "req", "-new", "-x509", "-days", str(days), "-key", Pki.root_key, "-out", Pki.root_cert,
+         "-config", CNF, "-extensions", "v3_root"),
+        label=f"self-signing the root certificate {Pki.root_cert} ({days} days)", uses_ca_key=True)
+
+
+def intermediate_csr() -> Command:
+    return Command(("openssl", "req", "-new", "-key", Pki.ca_key, "-out", "ca/ca.csr", "-config", CNF,
+                    "-section", "req_intermediate"), label="creating the issuing CA's request ca/ca.csr", uses_ca_key=True)
+
+
+def intermediate_sign(days: int) -> Command:
+    return Command(("openssl", "ca", "-config", CNF, "-name", "root_ca", "-extensions", "v3_intermediate", "-days", str(days),
+                    "-notext", "-batch", "-in", "ca/ca.csr", "-out", Pki.ca_cert),
+                   label=f"signing the issuing CA {Pki.ca_cert} with the root ({days} days)", uses_ca_key=True)

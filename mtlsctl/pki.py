@@ -63,6 +63,25 @@ class Pki:
     ca_key = "private/ca.key"
     crl = "crl/ca.crl"
     profile = PROFILE_NAME
+    # two-tier PKI (profile ca.intermediate): ca/ca.crt and private/ca.key are then the issuing CA
+    root_cert = "ca/root.crt"
+    root_key = "private/root.key"
+    root_crl = "crl/root.crl"
+    chain = "ca/chain.pem"
+    chain_crl = "crl/chain.crl"
+
+    def has_chain(self) -> bool:
+        return self.path(self.root_cert).exists()
+
+    @property
+    def ca_bundle(self) -> str:
+        """What nginx trusts and bundles carry: the chain with an intermediate, else the CA certificate."""
+        return self.chain if self.has_chain() else self.ca_cert
+
+    @property
+    def crl_bundle(self) -> str:
+        """What nginx's ssl_crl reads: with an intermediate, the CRLs of every CA in the chain (nginx needs all)."""
+        return self.chain_crl if self.has_chain() else self.crl
 
     def path(self, rel: str) -> Path:
         return self.root / rel

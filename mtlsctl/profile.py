@@ -91,10 +91,30 @@ GUIDE_SUBJECT = Subject(
 )
 
 
+class IntermediateProfile(_Strict):
+    """An issuing CA under the root: clients are signed by it; the root key can then go offline."""
+
+    subject: Subject = Field(description="the intermediate's DN (CN required)")
+    key: KeySpec = KeySpec(type="rsa", bits=4096)
+    days: int = Field(default=1825, ge=1, le=36500, description="validity of the intermediate certificate")
+    root_crl_days: int = Field(default=365, ge=1, le=3650, description="nextUpdate of the root's CRL (refreshed with the root key)")
+
+    @property
+    def key_spec(self) -> KeySpec:
+        return self.key.resolved(4096, "P-384")
+
+
 class CaProfile(_Strict):
     subject: Subject = GUIDE_SUBJECT
     key: KeySpec = KeySpec(type="rsa", bits=4096)
     days: int = Field(default=3650, ge=1, le=36500)
+    intermediate: IntermediateProfile | None = Field(default=None, description="off unless set: a root and an issuing CA (docs/intermediate.md)")
+
+    @model_validator(mode="after")
+    def _intermediate_inside_root(self) -> CaProfile:
+        if self.intermediate is not None and self.intermediate.days >= self.days:
+            raise ValueError(f"intermediate.days ({self.intermediate.days}) must be less than the root's days ({self.days})")
+        return self
 
     @property
     def key_spec(self) -> KeySpec:
@@ -102,7 +122,12 @@ class CaProfile(_Strict):
 
     @property
     def digest(self) -> str:
-        """Digest follows the key: sha384 for a P-384 CA (FIELD-NOTES: Keys), else sha256."""
+        """Digest follows the signing key: sha384 for a P-384 CA (FIELD-NOTES: Keys), else sha256."""
+        signing = self.intermediate.key_spec if self.intermediate is not None else self.key_spec
+        return "sha384" if signing.curve == "P-384" else "sha256"
+
+    @property
+    def root_digest(self) -> str:
         return "sha384" if self.key_spec.curve == "P-384" else "sha256"
 
 
