@@ -1,18 +1,23 @@
 #!/usr/bin/env python3
-"""Benchmark mtlsctl against the guide's own way, side by side on the same PKI.
+"""Benchmark mtlsctl against the guide's own way, side by side on the same PKI, alternating.
 
-    python benchmarks/run.py                       # N = 200 and 1000
-    python benchmarks/run.py --sizes 200 --repeat 5
+    python benchmarks/run.py                      # N = 200, 1000, 5000 (about 10 minutes on 2 cores)
+    python benchmarks/run.py --sizes 200 --quick  # a smoke run
 
 For each N it builds a PKI of N valid client certificates (one shared key and CSR, `openssl ca -subj`
-per certificate, so building is fast) and then times, alternating the two in one run:
+per certificate, so building is fast) and measures:
 
-- `mtlsctl renew` with nothing due, against the guide's mtls-renew.sh loop (reconstructed below from the
-  guide's text: `openssl x509 -enddate`, `date -d`, `openssl x509 -subject` for every certificate);
-- `mtlsctl list --json`.
+- `mtlsctl renew` with nothing due vs the guide's mtls-renew.sh loop (reconstructed below from the guide's
+  text: `openssl x509 -enddate`, `date -d`, `openssl x509 -subject` per certificate); the guide's loop is
+  skipped above --guide-max-n (it costs ~40 ms per certificate);
+- `mtlsctl list --json`;
+- `mtlsctl revoke` (with its CRL) vs the guide's `openssl ca -revoke` + `openssl ca -gencrl`, with 1,000
+  certificates already revoked (at N >= 1000);
+- how the cost of one `openssl ca` signing grows with the size of index.txt.
 
-It prints a table of medians and the ratio. Timings are wall-clock on this machine; see
-docs/performance.md for recorded figures.
+Once: `mtlsctl --help`; one `add-client` (RSA 2048) vs the guide's four commands; and 50 RSA-2048 clients
+with `add-client --from-file` in parallel (--jobs = cores) vs one at a time (--jobs 1).
+Prints tables of medians and ratios; docs/performance.md records a run.
 """
 
 from __future__ import annotations
@@ -30,14 +35,10 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 
-# The guide's /usr/local/bin/mtls-renew.sh, verbatim but for PKI_DIR (taken from the environment) and the
-# reload step, which never runs when nothing is due.
 GUIDE_RENEW = r'''#!/bin/bash
 set -e
 PKI_DIR="${PKI_DIR:-/etc/nginx/pki}"
 DAYS_BEFORE_EXPIRY=30
-RENEW_DAYS=365
-RENEWED=false
 echo "Checking for expiring certificates in $PKI_DIR/certs..."
 while read -r cert; do
     end_date=$(openssl x509 -enddate -noout -in "$cert" | cut -d= -f2)
@@ -48,86 +49,168 @@ while read -r cert; do
          sed -n 's/.*CN=\([^,/]*\).*/\1/p' | sed 's/^[[:space:]]*//;s/[[:space:]]*$//')
     if [ "$days_left" -lt "$DAYS_BEFORE_EXPIRY" ]; then
         echo "would renew $CN"
-        RENEWED=true
     else
         echo "✅ $CN: $days_left days remaining."
     fi
 done < <(find "$PKI_DIR/certs" -name "*.crt" -type f)
 '''
 
+# The guide's four commands for one client (mtls-add-client.sh without its echo lines).
+GUIDE_ADD = r'''#!/bin/bash
+set -e
+cd "$PKI_DIR"
+CLIENT_NAME=$1
+openssl genrsa -out private/${CLIENT_NAME}.key 2048 2>/dev/null
+openssl req -new -key private/${CLIENT_NAME}.key -out certs/${CLIENT_NAME}.csr -subj "/CN=${CLIENT_NAME}"
+openssl ca -config openssl.cnf -extensions v3_client -days 365 -batch -in certs/${CLIENT_NAME}.csr -out certs/${CLIENT_NAME}.crt 2>/dev/null
+echo "guide-password" | openssl pkcs12 -export -out certs/${CLIENT_NAME}.p12 -inkey private/${CLIENT_NAME}.key \
+    -in certs/${CLIENT_NAME}.crt -certfile ca/ca.crt -name "${CLIENT_NAME}" -passout stdin
+'''
 
-def mtlsctl_argv() -> list[str]:
+GUIDE_REVOKE = r'''#!/bin/bash
+set -e
+cd "$PKI_DIR"
+openssl ca -config openssl.cnf -revoke "certs/$1.crt" 2>/dev/null
+openssl ca -config openssl.cnf -gencrl -out crl/ca.crl 2>/dev/null
+'''
+
+
+def mtlsctl() -> list[str]:
     exe = shutil.which("mtlsctl")
     return [exe] if exe else [sys.executable, "-m", "mtlsctl"]
 
 
-def run(argv: list[str], env: dict[str, str] | None = None) -> float:
+def timed(argv: list[str], env: dict[str, str] | None = None, stdin: str | None = None) -> float:
     start = time.perf_counter()
-    subprocess.run(argv, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    subprocess.run(argv, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, input=stdin, text=True,
                    env={**os.environ, **(env or {})})
     return time.perf_counter() - start
 
 
-def build_pki(root: Path, n: int) -> Path:
-    pki = root / f"pki-{n}"
+def script(root: Path, name: str, text: str) -> Path:
+    path = root / name
+    path.write_text(text)
+    path.chmod(0o755)
+    return path
+
+
+def new_pki(root: Path, name: str) -> Path:
+    pki = root / name
     profile = root / "profile.yaml"
     profile.write_text("ca: {subject: {CN: Bench CA}, key: {type: ec, curve: P-256}}\n"
-                       "clients: {key: {type: ec, curve: P-256}}\n"
-                       "nginx: {test_command: '', reload_command: ''}\n")
-    subprocess.run([*mtlsctl_argv(), "--pki-dir", str(pki), "--profile", str(profile), "init"], check=True,
-                   stdout=subprocess.DEVNULL)
-    subprocess.run(["openssl", "genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256",
-                    "-out", "private/shared.key"], cwd=pki, check=True, capture_output=True)
-    subprocess.run(["openssl", "req", "-new", "-key", "private/shared.key", "-out", "shared.csr", "-subj", "/CN=shared",
-                    "-config", "openssl.cnf"], cwd=pki, check=True, capture_output=True)
-    t0 = time.perf_counter()
-    for i in range(n):
-        subprocess.run(["openssl", "ca", "-config", "openssl.cnf", "-extensions", "v3_client", "-days", "365",
-                        "-batch", "-subj", f"/CN=client-{i:05d}", "-in", "shared.csr", "-out", f"certs/client-{i:05d}.crt"],
-                       cwd=pki, check=True, capture_output=True)
-    print(f"  built N={n} in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
+                       "clients: {key: {type: ec, curve: P-256}}\nnginx: {test_command: '', reload_command: ''}\n")
+    subprocess.run([*mtlsctl(), "--pki-dir", str(pki), "--profile", str(profile), "init"], check=True, stdout=subprocess.DEVNULL)
     return pki
 
 
-def median(xs: list[float]) -> float:
+def fill(pki: Path, n: int, prefix: str = "client") -> list[float]:
+    """Sign n certificates the fast way; return the time of each `openssl ca` signing."""
+    if not (pki / "shared.csr").exists():
+        subprocess.run(["openssl", "genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256",
+                        "-out", "private/shared.key"], cwd=pki, check=True, capture_output=True)
+        subprocess.run(["openssl", "req", "-new", "-key", "private/shared.key", "-out", "shared.csr", "-subj", "/CN=shared",
+                        "-config", "openssl.cnf"], cwd=pki, check=True, capture_output=True)
+    times = []
+    for i in range(n):
+        t = time.perf_counter()
+        subprocess.run(["openssl", "ca", "-config", "openssl.cnf", "-extensions", "v3_client", "-days", "365", "-batch",
+                        "-subj", f"/CN={prefix}-{i:05d}", "-in", "shared.csr", "-out", f"certs/{prefix}-{i:05d}.crt"],
+                       cwd=pki, check=True, capture_output=True)
+        times.append(time.perf_counter() - t)
+    return times
+
+
+def med(xs: list[float]) -> float:
     return statistics.median(xs) if xs else float("nan")
 
 
-def bench(n: int, root: Path, repeat: int, guide_repeat: int) -> dict[str, float]:
-    pki = build_pki(root, n)
-    guide = root / "guide-renew.sh"
-    guide.write_text(GUIDE_RENEW)
-    guide.chmod(0o755)
+def bench_n(root: Path, n: int, repeat: int, guide_max_n: int) -> dict:
+    pki = new_pki(root, f"pki-{n}")
+    t0 = time.perf_counter()
+    sign_times = fill(pki, n)
+    print(f"  built N={n} in {time.perf_counter() - t0:.1f}s", file=sys.stderr, flush=True)
+    guide = script(root, "guide-renew.sh", GUIDE_RENEW)
     ours_renew, ours_list, theirs = [], [], []
-    for i in range(max(repeat, guide_repeat)):
+    guide_runs = repeat if n <= guide_max_n else 0
+    if n > 200:
+        guide_runs = min(guide_runs, 3)
+    for i in range(max(repeat, guide_runs)):
         if i < repeat:
-            ours_renew.append(run([*mtlsctl_argv(), "--pki-dir", str(pki), "renew", "--no-reload"]))
-        if i < guide_repeat:
-            theirs.append(run(["bash", str(guide)], env={"PKI_DIR": str(pki)}))
+            ours_renew.append(timed([*mtlsctl(), "--pki-dir", str(pki), "renew", "--no-reload"]))
+        if i < guide_runs:
+            theirs.append(timed(["bash", str(guide)], env={"PKI_DIR": str(pki)}))
         if i < repeat:
-            ours_list.append(run([*mtlsctl_argv(), "--pki-dir", str(pki), "list", "--json"]))
-    return {"n": n, "mtlsctl_renew": median(ours_renew), "guide_renew": median(theirs), "mtlsctl_list": median(ours_list)}
+            ours_list.append(timed([*mtlsctl(), "--pki-dir", str(pki), "list", "--json"]))
+    row = {"n": n, "renew": med(ours_renew), "guide": med(theirs), "list": med(ours_list),
+           "sign": med(sign_times[-20:])}
+    if n >= 1000:  # revoke + CRL with 1,000 revoked certificates
+        for i in range(1000):
+            subprocess.run(["openssl", "ca", "-config", "openssl.cnf", "-revoke", f"certs/client-{i:05d}.crt"],
+                           cwd=pki, check=True, capture_output=True)
+        fill(pki, 2 * repeat, prefix="rv")
+        grev = script(root, "guide-revoke.sh", GUIDE_REVOKE)
+        ours, guide_t = [], []
+        for i in range(repeat):
+            ours.append(timed([*mtlsctl(), "--pki-dir", str(pki), "revoke", f"rv-{2 * i:05d}", "--no-reload"]))
+            guide_t.append(timed(["bash", str(grev), f"rv-{2 * i + 1:05d}"], env={"PKI_DIR": str(pki)}))
+        row["revoke"], row["guide_revoke"] = med(ours), med(guide_t)
+    shutil.rmtree(pki)
+    return row
+
+
+def bench_once(root: Path, repeat: int, batch: int) -> dict:
+    out = {"help": med([timed([*mtlsctl(), "--help"]) for _ in range(repeat)])}
+    pki = new_pki(root, "pki-add")
+    gadd = script(root, "guide-add.sh", GUIDE_ADD)
+    ours, theirs = [], []
+    for i in range(repeat * 3):  # RSA key generation time varies a lot: more runs
+        ours.append(timed([*mtlsctl(), "--pki-dir", str(pki), "add-client", f"m{i}", "--key-type", "rsa",
+                           "--password-stdin"], stdin="bench-password\n"))
+        theirs.append(timed(["bash", str(gadd), f"g{i}"], env={"PKI_DIR": str(pki)}))
+    out["add"], out["guide_add"] = med(ours), med(theirs)
+    names = root / "names.txt"
+    seq, par = [], []
+    for r in range(2):
+        for jobs, bucket in ((1, seq), (os.cpu_count() or 2, par)):
+            names.write_text("".join(f"b{r}-{jobs}-{i}\n" for i in range(batch)))
+            bucket.append(timed([*mtlsctl(), "--pki-dir", str(pki), "add-client", "--from-file", str(names),
+                                 "--key-type", "rsa", "--jobs", str(jobs)]))
+    out["batch_seq"], out["batch_par"], out["batch"] = med(seq), med(par), batch
+    return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--sizes", default="200,1000")
-    ap.add_argument("--repeat", type=int, default=5, help="runs of each mtlsctl command")
-    ap.add_argument("--guide-repeat", type=int, default=3, help="runs of the guide's loop (slow: ~0.1 s per certificate)")
+    ap.add_argument("--sizes", default="200,1000,5000")
+    ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--guide-max-n", type=int, default=1000, help="skip the guide's renew loop above this N")
+    ap.add_argument("--batch", type=int, default=50, help="clients in the --from-file run")
+    ap.add_argument("--quick", action="store_true", help="fewer runs, a batch of 10")
     args = ap.parse_args()
-    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
-          f"{subprocess.run(['openssl', 'version'], capture_output=True, text=True).stdout.strip()}")
-    rows = []
+    if args.quick:
+        args.repeat, args.batch = 2, 10
+    ssl = subprocess.run(["openssl", "version"], capture_output=True, text=True).stdout.strip()
+    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, {ssl}")
     with tempfile.TemporaryDirectory() as tmp:
-        for n in (int(s) for s in args.sizes.split(",")):
-            rows.append(bench(n, Path(tmp), args.repeat, args.guide_repeat))
-    print(f"\n{'N':>6} | {'guide renew loop':>16} | {'mtlsctl renew':>13} | {'ratio':>7} | {'mtlsctl list --json':>19}")
-    print(f"{'-' * 6}-|-{'-' * 16}-|-{'-' * 13}-|-{'-' * 7}-|-{'-' * 19}")
+        root = Path(tmp)
+        once = bench_once(root, args.repeat, args.batch)
+        rows = [bench_n(root, int(n), args.repeat, args.guide_max_n) for n in args.sizes.split(",")]
+    print(f"\n{'N':>5} | {'guide renew loop':>16} | {'mtlsctl renew':>13} | {'ratio':>6} | {'list --json':>11} | "
+          f"{'mtlsctl revoke+CRL':>18} | {'guide revoke+CRL':>16} | {'one openssl ca':>14}")
+    print("-" * 120)
     for r in rows:
-        print(f"{r['n']:>6} | {r['guide_renew']:>15.2f}s | {r['mtlsctl_renew']:>12.3f}s | "
-              f"{r['guide_renew'] / r['mtlsctl_renew']:>6.0f}x | {r['mtlsctl_list']:>18.3f}s")
-    print(f"\n(medians; mtlsctl x{args.repeat}, guide x{args.guide_repeat}; command: python benchmarks/run.py "
-          f"--sizes {args.sizes} --repeat {args.repeat} --guide-repeat {args.guide_repeat})")
+        guide = f"{r['guide']:.2f}s" if r["guide"] == r["guide"] else "(skipped)"
+        ratio = f"{r['guide'] / r['renew']:.0f}x" if r["guide"] == r["guide"] else "-"
+        rev = f"{r['revoke']:.3f}s" if "revoke" in r else "-"
+        grev = f"{r['guide_revoke']:.3f}s" if "guide_revoke" in r else "-"
+        print(f"{r['n']:>5} | {guide:>16} | {r['renew']:>12.3f}s | {ratio:>6} | {r['list']:>10.3f}s | {rev:>18} | "
+              f"{grev:>16} | {r['sign'] * 1000:>11.1f} ms")
+    print(f"\nmtlsctl --help: {once['help']:.3f}s")
+    print(f"one client, RSA 2048: mtlsctl add-client {once['add']:.3f}s vs the guide's four commands "
+          f"{once['guide_add']:.3f}s (ratio {once['add'] / once['guide_add']:.2f})")
+    print(f"{once['batch']} RSA-2048 clients --from-file: --jobs 1 {once['batch_seq']:.2f}s, --jobs {os.cpu_count()} "
+          f"{once['batch_par']:.2f}s (speed-up {once['batch_seq'] / once['batch_par']:.2f}x)")
+    print(f"(medians of {args.repeat} runs; command: python benchmarks/run.py --sizes {args.sizes} --repeat {args.repeat})")
 
 
 if __name__ == "__main__":

@@ -255,7 +255,10 @@ def init(
 @app.command("add-client")
 def add_client(
     ctx: typer.Context,
-    name: str = typer.Argument(..., help="Client name: becomes CN=NAME and the file names (letters, digits, . _ -)."),
+    name: str | None = typer.Argument(None, help="Client name: becomes CN=NAME and the file names (letters, digits, . _ -)."),
+    from_file: Path | None = typer.Option(None, "--from-file", metavar="NAMES.txt",
+                                          help="Issue every name in the file (one per line): keys in parallel, passwords to 0600 files."),
+    jobs: int | None = typer.Option(None, "--jobs", metavar="N", help="With --from-file: parallel key generations (default: the number of cores)."),
     password_stdin: bool = typer.Option(False, "--password-stdin", help="Read the export password from standard input."),
     password_file: Path | None = typer.Option(None, "--password-file", metavar="FILE", help="Read the export password from FILE."),
     days: int | None = typer.Option(None, "--days", metavar="N", help="Validity in days (default: profile clients.days, 365)."),
@@ -277,10 +280,37 @@ def add_client(
       mtlsctl add-client iphone-jmrp
       printf '%s\\n' "$PASS" | mtlsctl add-client laptop --password-stdin --san email:me@example.com
       mtlsctl add-client sensor-7 --key-type ec --days 90 --json
+      mtlsctl add-client --from-file new-devices.txt --json    # one JSON object per line
     """
     from mtlsctl import client
 
+    if (name is None) == (from_file is None):
+        raise InputError("give a NAME or --from-file NAMES.txt (not both)", hint="see `mtlsctl add-client --help`")
     settings = _settings(ctx)
+    if from_file is not None:
+        if password_stdin or password_file or san or dry_run:
+            raise InputError("--from-file issues each client with its own generated password and no SANs",
+                             hint="leave out --password-*, --san and --dry-run, or issue clients one by one")
+        try:
+            names = client.read_names(from_file.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError) as exc:
+            raise InputError(f"cannot read --from-file {from_file}: {exc}") from None
+        if jobs is not None and not 1 <= jobs <= 64:
+            raise InputError(f"--jobs {jobs} is out of range", hint="use 1..64")
+        batch = client.issue_batch(settings, names, _runner(settings, signs=True), days=days, key_type=key_type, p12=p12,
+                                   workers=jobs)
+        for r in batch.issued:
+            if as_json:
+                print(json.dumps({"name": r.name, "serial": r.serial, "not_after": r.not_after.isoformat(), "p12": str(r.p12),
+                                  "password_file": str(batch.password_files[r.name])}))
+            else:
+                print(f"Issued {r.name}: serial {r.serial}; bundle {r.p12}; password in {batch.password_files[r.name]}")
+        for failed_name, why in batch.failed:
+            print(f"FAILED {failed_name}: {why}", file=sys.stderr)
+        if batch.failed:
+            raise RenewFailed(f"{len(batch.failed)} of {len(names)} client(s) failed", hint="see the FAILED lines above")
+        return
+    assert name is not None
     password = None if dry_run else _read_password(password_stdin, password_file)
     req = client.build_request(settings, name, days=days, key_type=key_type, p12=p12, sans=san, password=password)
     if dry_run:

@@ -271,3 +271,108 @@ def export_client(settings: Settings, name: str, *, p12: str | None, password: s
         tx.snapshot(target)
         os.replace(tmp, target)
     return ExportResult(name, row.serial, target, profile, None if password is not None else secret)
+
+
+# ------------------------------------------------------------------ bulk issuance (add-client --from-file)
+
+
+@dataclass
+class BatchResult:
+    issued: list[IssueResult] = field(default_factory=list)
+    failed: list[tuple[str, str]] = field(default_factory=list)  # (name, reason)
+    password_files: dict[str, Path] = field(default_factory=dict)
+
+
+def read_names(text: str) -> list[str]:
+    """One name per line; blank lines and # comments are skipped; every name is validated, duplicates refused."""
+    names: list[str] = []
+    for lineno, line in enumerate(text.splitlines(), 1):
+        line = line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        try:
+            validate.client_name(line)
+        except InputError as exc:
+            raise InputError(f"line {lineno}: {exc.message}", hint=exc.hint) from None
+        if line in names:
+            raise InputError(f"line {lineno}: {line!r} is listed twice")
+        names.append(line)
+    if not names:
+        raise InputError("the names file lists no names", hint="one client name per line")
+    return names
+
+
+def issue_batch(settings: Settings, names: list[str], runner: Runner, *, days: int | None = None,
+                key_type: str | None = None, p12: str | None = None, workers: int | None = None) -> BatchResult:
+    """Issue many clients: keys and CSRs in parallel across cores, `openssl ca` one at a time under the lock
+    (it has no locking of its own), then the bundles in parallel. Passwords go to private/NAME.p12.password.
+
+    Everything is checked first (names, conflicts): a bad list writes nothing. One journal guards the batch;
+    a failed signing stops the batch there, keeps what was issued before it and removes the rest.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    from mtlsctl.files import MODE_SECRET as SECRET
+    from mtlsctl.files import atomic_write
+
+    pki = settings.pki
+    pki.require_ca()
+    reqs = [build_request(settings, name, days=days, key_type=key_type, p12=p12) for name in names]
+    for req in reqs:
+        _refuse_conflicts(pki, req.name)
+    workers = workers or os.cpu_count() or 1
+    result = BatchResult()
+    with pki_lock(pki.lock_path), Transaction(pki.root) as tx:
+        for req in reqs:
+            _refuse_conflicts(pki, req.name)
+            files = ClientFiles(req.name)
+            tx.may_create(pki.path(files.key))
+            tx.may_create(pki.path(files.csr))
+
+        def make_key_and_csr(req: IssueRequest) -> None:
+            keygen, csr = issue_commands(req)[:2]
+            files = ClientFiles(req.name)
+            runner.run(keygen, cwd=pki.root)
+            os.chmod(pki.path(files.key), MODE_SECRET)
+            runner.run(csr, cwd=pki.root)
+            os.chmod(pki.path(files.csr), MODE_PUBLIC)
+
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            list(pool.map(make_key_and_csr, reqs))  # the first failure is raised here: the whole batch is undone
+
+        rows: dict[str, db.IndexRow] = {}
+        for req in reqs:
+            files = ClientFiles(req.name)
+            sign = openssl.ca_sign(files.csr, files.crt, req.days)
+            row = sign_into_database(pki, sign, req.name, files.crt, runner, tx)
+            rows[req.name] = row
+            tx.keep([pki.path(files.key), pki.path(files.csr), pki.path(files.crt), pki.path(f"newcerts/{row.serial}.pem")])
+        tx.checkpoint()
+
+    passwords = {req.name: generate_password() for req in reqs}
+
+    def bundle(req: IssueRequest) -> tuple[str, str | None]:
+        files = ClientFiles(req.name)
+        tmp = f"certs/.{req.name}.p12.tmp"
+        try:
+            with Transaction() as ptx:
+                write_p12(pki, req.name, tmp, passwords[req.name], req.p12, runner, ptx)
+                atomic_write(pki.path(f"private/{req.name}.p12.password"), passwords[req.name] + "\n", SECRET)
+                os.replace(pki.path(tmp), pki.path(files.p12))
+        except MtlsError as exc:
+            return req.name, exc.message
+        return req.name, None
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        outcomes = dict(pool.map(bundle, reqs))
+    for req in reqs:
+        files, row = ClientFiles(req.name), rows[req.name]
+        error = outcomes[req.name]
+        if error:
+            result.failed.append((req.name, f"issued (serial {row.serial}) but the bundle failed: {error}; run `mtlsctl export {req.name}`"))
+            continue
+        result.issued.append(IssueResult(
+            name=req.name, serial=row.serial, not_after=row.expires, key=pki.path(files.key), csr=pki.path(files.csr),
+            crt=pki.path(files.crt), p12=pki.path(files.p12), p12_profile=req.p12, password=None, sans=()))
+        result.password_files[req.name] = pki.path(f"private/{req.name}.p12.password")
+    return result

@@ -160,6 +160,13 @@ class Transaction:
         record = {"pid": os.getpid(), "created": [str(p) for p in self._created], "snapshots": names}
         atomic_write(self._journal / "journal.json", json.dumps(record), MODE_SECRET)
 
+    def keep(self, paths: list[Path]) -> None:
+        """One step of a batch is done: keep its files and its database change, still guard the rest."""
+        kept = set(paths)
+        self._created = [p for p in self._created if p not in kept]
+        self._snapshots.clear()
+        self._persist()
+
     # -- outcomes
 
     def checkpoint(self) -> None:

@@ -27,7 +27,7 @@ class _Strict(BaseModel):
 class KeySpec(_Strict):
     """A key: RSA with `bits`, or EC on a named `curve`."""
 
-    type: Literal["rsa", "ec"] = "rsa"
+    type: Literal["rsa", "ec"] = Field(default="rsa", description="rsa or ec")
     bits: int | None = Field(default=None, ge=2048, le=8192, description="RSA only: 2048..8192")
     curve: Literal["P-256", "P-384"] | None = Field(default=None, description="EC only")
     encrypt: bool = Field(default=False, description="ca.key only: AES-256-encrypt private/ca.key; every signing asks for its passphrase")
@@ -54,11 +54,11 @@ class Subject(_Strict):
     """The CA's distinguished name; every field but CN may be left out."""
 
     C: str | None = Field(default=None, description="two-letter country code")
-    ST: str | None = None
-    L: str | None = None
-    O: str | None = None  # noqa: E741 - the DN attribute is called O
-    OU: str | None = None
-    CN: str
+    ST: str | None = Field(default=None, description="state or province")
+    L: str | None = Field(default=None, description="locality (city)")
+    O: str | None = Field(default=None, description="organisation")  # noqa: E741 - the DN attribute is called O
+    OU: str | None = Field(default=None, description="organisational unit")
+    CN: str = Field(description="common name, e.g. JMRP-IO-LAB Root CA")
 
     @field_validator("C")
     @classmethod
@@ -105,9 +105,9 @@ class IntermediateProfile(_Strict):
 
 
 class CaProfile(_Strict):
-    subject: Subject = GUIDE_SUBJECT
-    key: KeySpec = KeySpec(type="rsa", bits=4096)
-    days: int = Field(default=3650, ge=1, le=36500)
+    subject: Subject = Field(default=GUIDE_SUBJECT, description="the CA's DN; the guide's by default; taken whole when given")
+    key: KeySpec = Field(default=KeySpec(type="rsa", bits=4096), description="RSA 4096 by default (EC: P-384)")
+    days: int = Field(default=3650, ge=1, le=36500, description="validity of the CA certificate")
     intermediate: IntermediateProfile | None = Field(default=None, description="off unless set: a root and an issuing CA (docs/intermediate.md)")
 
     @model_validator(mode="after")
@@ -132,7 +132,7 @@ class CaProfile(_Strict):
 
 
 class ClientsProfile(_Strict):
-    key: KeySpec = KeySpec(type="rsa", bits=2048)
+    key: KeySpec = Field(default=KeySpec(type="rsa", bits=2048), description="RSA 2048 by default (EC: P-256); --key-type overrides")
 
     @field_validator("key")
     @classmethod
@@ -141,8 +141,8 @@ class ClientsProfile(_Strict):
             raise ValueError("encrypt is for ca.key; client keys are protected by their PKCS#12 password")
         return v
 
-    days: int = Field(default=365, ge=1, le=3650)
-    p12: Literal["compat", "modern", "legacy"] = "compat"
+    days: int = Field(default=365, ge=1, le=3650, description="validity of client certificates; --days overrides")
+    p12: Literal["compat", "modern", "legacy"] = Field(default="compat", description="PKCS#12 profile; --p12 overrides (docs/clients.md)")
 
     @property
     def key_spec(self) -> KeySpec:
@@ -361,11 +361,11 @@ class PublishProfile(_Strict):
 
 class Profile(_Strict):
     pki_dir: str | None = Field(default=None, description="where the PKI lives; default /etc/nginx/pki")
-    ca: CaProfile = CaProfile()
-    clients: ClientsProfile = ClientsProfile()
-    crl: CrlProfile = CrlProfile()
-    renew: RenewProfile = RenewProfile()
-    nginx: NginxProfile = NginxProfile()
+    ca: CaProfile = Field(default=CaProfile(), description="the Certificate Authority")
+    clients: ClientsProfile = Field(default=ClientsProfile(), description="defaults for add-client")
+    crl: CrlProfile = Field(default=CrlProfile(), description="the certificate revocation list")
+    renew: RenewProfile = Field(default=RenewProfile(), description="mtlsctl renew (the guide's mtls-renew.sh)")
+    nginx: NginxProfile = Field(default=NginxProfile(), description="the mTLS site and how nginx is tested and reloaded")
     ocsp: OcspProfile | None = Field(default=None, description="off unless set: see docs/ocsp.md")
     publish: PublishProfile | None = Field(default=None, description="off unless set: see docs/fleet.md")
 

@@ -32,3 +32,21 @@ def test_profile_example_is_valid_and_equals_the_defaults():
     data = yaml.safe_load((DOCS / "profile.example.yaml").read_text())
     parsed = Profile.model_validate(data)
     assert parsed.model_dump(exclude={"pki_dir"}) == Profile().model_dump(exclude={"pki_dir"})
+
+
+def test_every_profile_key_has_a_description():
+    from pydantic import BaseModel
+
+    def walk(model, prefix=""):
+        for name, field in model.model_fields.items():
+            assert field.description, f"profile key {prefix}{name} has no description (docs/profile.md)"
+            if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+                walk(field.annotation, f"{prefix}{name}.")
+
+    walk(Profile)
+
+
+def test_every_doc_page_is_linked_from_the_readme_or_the_index():
+    readme = (DOCS.parent / "README.md").read_text() + (DOCS / "index.md").read_text()
+    for page in DOCS.glob("*.md"):
+        assert page.name in readme, f"docs/{page.name} is linked from neither README.md nor docs/index.md"
