@@ -124,8 +124,10 @@ def profile_md() -> str:
         "|---|---|---|---|",
         *_rows(profile.Profile, ""),
         "",
-        "## Full example (the built-in defaults)\n",
+        "## The built-in defaults\n",
         "```yaml\n" + example + "```\n",
+        "## A complete profile, optional sections switched on\n",
+        "```yaml\n" + (DOCS / "profile.full.yaml").read_text() + "```\n",
     ])
 
 

@@ -50,3 +50,22 @@ def test_every_doc_page_is_linked_from_the_readme_or_the_index():
     readme = (DOCS.parent / "README.md").read_text() + (DOCS / "index.md").read_text()
     for page in DOCS.glob("*.md"):
         assert page.name in readme, f"docs/{page.name} is linked from neither README.md nor docs/index.md"
+
+
+def test_the_full_example_profile_is_valid_and_uses_every_key():
+    from pydantic import BaseModel
+
+    data = yaml.safe_load((DOCS / "profile.full.yaml").read_text())
+    Profile.model_validate(data)
+
+    def walk(model, node, prefix=""):
+        for name, field in model.model_fields.items():
+            if name in ("bits", "curve") and ("bits" in node or "curve" in node):
+                continue  # a key has one or the other
+            assert name in node, f"docs/profile.full.yaml lacks {prefix}{name}"
+            ann = field.annotation
+            inner = [a for a in getattr(ann, "__args__", (ann,)) if isinstance(a, type) and issubclass(a, BaseModel)]
+            if inner and isinstance(node[name], dict):
+                walk(inner[0], node[name], f"{prefix}{name}.")
+
+    walk(Profile, data)
