@@ -99,6 +99,13 @@ class IntermediateProfile(_Strict):
     days: int = Field(default=1825, ge=1, le=36500, description="validity of the intermediate certificate")
     root_crl_days: int = Field(default=365, ge=1, le=3650, description="nextUpdate of the root's CRL (refreshed with the root key)")
 
+    @field_validator("key")
+    @classmethod
+    def _no_own_encrypt(cls, v: KeySpec) -> KeySpec:
+        if v.encrypt:
+            raise ValueError("encrypt is set once, in ca.key.encrypt: it applies to the root and the issuing CA key")
+        return v
+
     @property
     def key_spec(self) -> KeySpec:
         return self.key.resolved(4096, "P-384")
