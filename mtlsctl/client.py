@@ -147,8 +147,7 @@ def sign_into_database(pki: Pki, cmd: Command, name: str, crt: str, runner: Runn
     """
     protect_database(pki.root, tx)
     serial = db.read_serial(pki.path(pki.serial))
-    tx.may_create(pki.path(f"newcerts/{serial}.pem"))
-    tx.may_create(pki.path(crt))
+    tx.may_create(pki.path(f"newcerts/{serial}.pem"), pki.path(crt))
     runner.run(cmd, cwd=pki.root)
     normalize_modes(pki.root, DB_FILES_WITH_BACKUPS)
     normalize_modes(pki.root, (f"newcerts/{serial}.pem",))
@@ -326,8 +325,7 @@ def issue_batch(settings: Settings, names: list[str], runner: Runner, *, days: i
         for req in reqs:
             _refuse_conflicts(pki, req.name)
             files = ClientFiles(req.name)
-            tx.may_create(pki.path(files.key))
-            tx.may_create(pki.path(files.csr))
+            tx.may_create(pki.path(files.key), pki.path(files.csr))
 
         def make_key_and_csr(req: IssueRequest) -> None:
             keygen, csr = issue_commands(req)[:2]

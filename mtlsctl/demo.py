@@ -85,6 +85,16 @@ class LocalNginx:
     def reload_command(self) -> str:
         return shlex.join(self.argv("-s", "reload"))
 
+    def nginx_section(self, pki: Path, port: int, backend_port: int, server: str = SERVER) -> dict[str, object]:
+        """The profile's nginx: section for a site served by this local nginx on 127.0.0.1:port."""
+        return {
+            "server_name": server, "listen": f"127.0.0.1:{port}",
+            "server_cert": str(pki / f"certs/{server}.crt"), "server_key": str(pki / f"private/{server}.key"),
+            "upstream": f"http://127.0.0.1:{backend_port}",
+            "access_log": str(self.prefix / "logs/access.log"), "error_log": str(self.prefix / "logs/site.error.log"),
+            "test_command": self.test_command(), "reload_command": self.reload_command(), "pid_file": str(self.pid_file),
+        }
+
     def write(self, site_conf: str) -> None:
         for sub in ("logs", "tmp"):
             (self.prefix / sub).mkdir(parents=True, exist_ok=True)
@@ -194,14 +204,7 @@ def curl_command(port: int, name: str | None) -> list[str]:
 def demo_profile(base: Profile, pki: Path, port: int, backend_port: int, local: LocalNginx) -> Profile:
     data = base.model_dump(mode="json")
     data["pki_dir"] = str(pki)
-    data["nginx"] = {
-        "server_name": SERVER, "listen": f"127.0.0.1:{port}", "http2": True,
-        "server_cert": str(pki / f"certs/{SERVER}.crt"), "server_key": str(pki / f"private/{SERVER}.key"),
-        "verify_client": "on", "verify_depth": 2, "crl": True, "session_timeout": "10m",
-        "upstream": f"http://127.0.0.1:{backend_port}", "allow": [f"CN={ALLOWED}"], "rate_limit": None,
-        "access_log": str(local.prefix / "logs/access.log"), "error_log": str(local.prefix / "logs/site.error.log"),
-        "test_command": local.test_command(), "reload_command": local.reload_command(), "pid_file": str(local.pid_file),
-    }
+    data["nginx"] = {**local.nginx_section(pki, port, backend_port), "allow": [f"CN={ALLOWED}"]}
     return Profile.model_validate(data)
 
 

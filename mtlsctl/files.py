@@ -128,6 +128,8 @@ class Transaction:
     def __init__(self, root: Path | None = None) -> None:
         self._created: list[Path] = []
         self._snapshots: dict[Path, tuple[bytes, int] | None] = {}
+        self._where: dict[Path, dict[str, object]] = {}
+        self._blobs: list[str] = []
         self._journal = root / JOURNAL_DIR if root is not None else None
 
     # -- recording
@@ -136,27 +138,41 @@ class Transaction:
         self._created.append(path)
         self._persist()
 
-    def may_create(self, path: Path) -> None:
-        if not path.exists():
-            self._created.append(path)
+    def may_create(self, *paths: Path) -> None:
+        new = [p for p in paths if not p.exists()]
+        if new:
+            self._created.extend(new)
             self._persist()
 
-    def snapshot(self, path: Path) -> None:
-        if path not in self._snapshots:
+    def snapshot(self, *paths: Path) -> None:
+        """Remember these files' bytes (or absence) for rollback: one journal write for the whole set."""
+        new = [p for p in paths if p not in self._snapshots]
+        for path in new:
             self._snapshots[path] = (path.read_bytes(), path.stat().st_mode & 0o7777) if path.exists() else None
-            self._persist(new_snapshot=path)
+        if new:
+            self._persist(new_snapshots=new)
 
-    def _persist(self, new_snapshot: Path | None = None) -> None:
+    def _persist(self, new_snapshots: list[Path] | None = None) -> None:
+        """Write the journal (fsynced) before the step it protects runs. New snapshot contents go into
+        one blob file per call; journal.json says where each one is."""
         if self._journal is None:
             return
         if not self._journal.exists():
             self._journal.mkdir(mode=0o700)
         _ACTIVE_JOURNALS.add(self._journal)
-        names = {}
-        for i, (path, saved) in enumerate(self._snapshots.items()):
-            names[str(path)] = None if saved is None else {"file": f"snap-{i}", "mode": saved[1]}
-            if saved is not None and path == new_snapshot:
-                atomic_write(self._journal / f"snap-{i}", saved[0], MODE_SECRET)
+        if new_snapshots:
+            blob_name = f"snap-{len(self._blobs)}"
+            offset, parts = 0, []
+            for path in new_snapshots:
+                saved = self._snapshots[path]
+                if saved is None:
+                    continue
+                self._where[path] = {"file": blob_name, "offset": offset, "length": len(saved[0]), "mode": saved[1]}
+                parts.append(saved[0])
+                offset += len(saved[0])
+            self._blobs.append(blob_name)
+            atomic_write(self._journal / blob_name, b"".join(parts), MODE_SECRET)
+        names = {str(path): (None if saved is None else self._where[path]) for path, saved in self._snapshots.items()}
         record = {"pid": os.getpid(), "created": [str(p) for p in self._created], "snapshots": names}
         atomic_write(self._journal / "journal.json", json.dumps(record), MODE_SECRET)
 
@@ -165,6 +181,7 @@ class Transaction:
         kept = set(paths)
         self._created = [p for p in self._created if p not in kept]
         self._snapshots.clear()
+        self._where.clear()
         self._persist()
 
     # -- outcomes
@@ -172,6 +189,8 @@ class Transaction:
     def checkpoint(self) -> None:
         self._created.clear()
         self._snapshots.clear()
+        self._where.clear()
+        self._blobs.clear()
         if self._journal is not None:
             _ACTIVE_JOURNALS.discard(self._journal)
             if self._journal.exists():
@@ -221,8 +240,15 @@ class Transaction:
             return None
         tx = cls(root)
         tx._created = [Path(p) for p in record.get("created", [])]
+        blobs: dict[str, bytes] = {}
         for path, saved in record.get("snapshots", {}).items():
-            tx._snapshots[Path(path)] = None if saved is None else ((journal / saved["file"]).read_bytes(), int(saved["mode"]))
+            if saved is None:
+                tx._snapshots[Path(path)] = None
+                continue
+            if saved["file"] not in blobs:
+                blobs[saved["file"]] = (journal / saved["file"]).read_bytes()
+            start = int(saved["offset"])
+            tx._snapshots[Path(path)] = (blobs[saved["file"]][start:start + int(saved["length"])], int(saved["mode"]))
         tx._pid = record.get("pid")
         return tx
 
@@ -252,7 +278,5 @@ def protect_database(root: Path, tx: Transaction) -> None:
     and remember the .new files openssl writes on the way, so a failure or a kill restores the database."""
     from mtlsctl.pki import DB_FILES_WITH_BACKUPS
 
-    for rel in DB_FILES_WITH_BACKUPS:
-        tx.snapshot(root / rel)
-    for rel in ("index.txt.new", "index.txt.attr.new", "serial.new", "crlnumber.new"):
-        tx.may_create(root / rel)
+    tx.snapshot(*(root / rel for rel in DB_FILES_WITH_BACKUPS))
+    tx.may_create(*(root / rel for rel in ("index.txt.new", "index.txt.attr.new", "serial.new", "crlnumber.new")))

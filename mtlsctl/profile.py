@@ -91,6 +91,12 @@ GUIDE_SUBJECT = Subject(
 )
 
 
+def _plain_key(v: KeySpec, why: str) -> KeySpec:
+    if v.encrypt:
+        raise ValueError(why)
+    return v
+
+
 class IntermediateProfile(_Strict):
     """An issuing CA under the root: clients are signed by it; the root key can then go offline."""
 
@@ -102,9 +108,7 @@ class IntermediateProfile(_Strict):
     @field_validator("key")
     @classmethod
     def _no_own_encrypt(cls, v: KeySpec) -> KeySpec:
-        if v.encrypt:
-            raise ValueError("encrypt is set once, in ca.key.encrypt: it applies to the root and the issuing CA key")
-        return v
+        return _plain_key(v, "encrypt is set once, in ca.key.encrypt: it applies to the root and the issuing CA key")
 
     @property
     def key_spec(self) -> KeySpec:
@@ -144,9 +148,7 @@ class ClientsProfile(_Strict):
     @field_validator("key")
     @classmethod
     def _no_encrypt(cls, v: KeySpec) -> KeySpec:
-        if v.encrypt:
-            raise ValueError("encrypt is for ca.key; client keys are protected by their PKCS#12 password")
-        return v
+        return _plain_key(v, "encrypt is for ca.key; client keys are protected by their PKCS#12 password")
 
     days: int = Field(default=365, ge=1, le=3650, description="validity of client certificates; --days overrides")
     p12: Literal["compat", "modern", "legacy"] = Field(default="compat", description="PKCS#12 profile; --p12 overrides (docs/clients.md)")

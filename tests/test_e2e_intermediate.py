@@ -34,11 +34,7 @@ def chain_site(tmp_path):
         "ca": {"subject": {"CN": "Lab Root CA"}, "key": {"type": "ec", "curve": "P-384"}, "days": 3650,
                "intermediate": {"subject": {"CN": "Lab Issuing CA"}, "key": {"type": "ec", "curve": "P-256"}, "days": 1000}},
         "clients": {"key": {"type": "ec"}},
-        "nginx": {"server_name": "localhost", "listen": f"127.0.0.1:{port}",
-                  "server_cert": str(pki / "certs/localhost.crt"), "server_key": str(pki / "private/localhost.key"),
-                  "upstream": f"http://127.0.0.1:{bport}", "access_log": str(local.prefix / "logs/a.log"),
-                  "error_log": str(local.prefix / "logs/e.log"), "test_command": local.test_command(),
-                  "reload_command": local.reload_command(), "pid_file": str(local.pid_file)},
+        "nginx": local.nginx_section(pki, port, bport),
     }))
     assert run_cli(["--pki-dir", str(pki), "--profile", str(prof), "init"]).code == 0
     assert run_cli(["--pki-dir", str(pki), "add-server", "localhost", "--san", "IP:127.0.0.1"]).code == 0

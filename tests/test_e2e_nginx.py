@@ -92,15 +92,8 @@ def make_site(tmp_path, e2e_template, backend):
         local = LocalNginx(tmp_path / f"nginx{len(sites)}")
         port = free_port()
         data = yaml.safe_load((pki / "mtls.yaml").read_text())
-        data["nginx"] = {
-            "server_name": "localhost", "listen": f"127.0.0.1:{port}",
-            "server_cert": str(pki / "certs/localhost.crt"), "server_key": str(pki / "private/localhost.key"),
-            "upstream": f"http://127.0.0.1:{backend}", "allow": ["CN=iphone-jmrp", "~CN=admin-.*", "CN=p12-compat",
-                                                                "CN=p12-modern"],
-            "access_log": str(local.prefix / "logs/access.log"), "error_log": str(local.prefix / "logs/site.error.log"),
-            "test_command": local.test_command(), "reload_command": local.reload_command(),
-            "pid_file": str(local.pid_file), **nginx_overrides,
-        }
+        data["nginx"] = {**local.nginx_section(pki, port, backend),
+                         "allow": ["CN=iphone-jmrp", "~CN=admin-.*", "CN=p12-compat", "CN=p12-modern"], **nginx_overrides}
         (pki / "mtls.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
         site = Site(pki, port, local)
         assert site.mtls("revoke", "lost-device", "--no-reload").code == 0
