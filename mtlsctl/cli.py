@@ -1238,8 +1238,11 @@ def demo(
             print(f"\nbackend saw: {allowed.body.splitlines()[0]}")
         if report.kept:
             print(f"\nnginx and the backend are still running. Stop them with:\n  {report.stop_hint}")
+    for note in report.notes:
+        _info(f"note: {note}")
     if report.nginx_ran and not report.ok:
-        raise DemoFailed("the demo's outcomes differ from the guide's", hint=f"see {report.pki_dir}/nginx/logs/")
+        raise DemoFailed("the demo's outcomes differ from the guide's",
+                         hint=report.notes[0] if report.notes else f"see {report.pki_dir}/nginx/logs/")
 
 
 class DemoFailed(MtlsError):

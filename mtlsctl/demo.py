@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from http.client import HTTPSConnection
 from pathlib import Path
 
-from mtlsctl import client, lifecycle
+from mtlsctl import client, db, lifecycle
 from mtlsctl.ca import init_pki
 from mtlsctl.errors import StateError
 from mtlsctl.files import MODE_PUBLIC, atomic_write
@@ -174,6 +174,7 @@ class DemoReport:
     cases: list[Case] = field(default_factory=list)
     stop_hint: str = ""
     created: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -234,6 +235,10 @@ def run_demo(directory: Path, port: int | None, keep: bool, runner: Runner) -> D
             client.issue_client(settings, client.build_request(settings, name), runner)
             report.created.append(f"client {name}")
     lifecycle.revoke(settings, name=LOST, serial_hex=None, why="keyCompromise", runner=runner)
+    for name in (ALLOWED, GUEST):  # changed by hand since the last run (revoked, say): the outcomes will differ
+        if not any(r.cn == name and r.is_active() for r in db.read_index(pki.path(pki.index))):
+            report.notes.append(f"{name} has no valid certificate any more in {root} (revoked by hand?); "
+                                f"remove {root} to start the demo afresh")
     site, _warnings = render_site(pki, profile.nginx)
     local.write(site)
 

@@ -231,3 +231,10 @@ def test_demo_runs_end_to_end(tmp_path):
     assert [(c["expected"], c["status"]) for c in data["cases"]] == [(400, 400), (200, 200), (400, 400), (403, 403)]
     again = run_cli(["demo", "--dir", str(tmp_path / "demo"), "--json"])  # re-running is safe
     assert again.code == 0 and json.loads(again.out)["ok"]
+
+
+def test_demo_explains_a_client_revoked_by_hand(tmp_path):
+    assert run_cli(["demo", "--dir", str(tmp_path / "demo")]).code == 0
+    assert run_cli(["--pki-dir", str(tmp_path / "demo"), "revoke", "iphone-jmrp", "--no-reload"]).code == 0
+    res = run_cli(["demo", "--dir", str(tmp_path / "demo")])
+    assert res.code == 1 and "iphone-jmrp has no valid certificate" in res.err and "start the demo afresh" in res.err
