@@ -16,7 +16,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from mtlsctl.errors import InputError, MtlsError
+from mtlsctl.errors import InputError
 from mtlsctl.files import JOURNAL_DIR, MODE_SECRET, Transaction, atomic_write, pki_lock
 from mtlsctl.pki import LOCK_NAME, Settings
 from mtlsctl.runner import Command, Runner
@@ -162,5 +162,3 @@ def _repoint(target: Path, tx: Transaction) -> None:
         text = prof.read_text()
         atomic_write(prof, re.sub(r"^pki_dir: .*$", f"pki_dir: {target}", text, count=1, flags=re.M), prof.stat().st_mode & 0o7777)
 
-
-__all__ = ["backup", "restore", "MtlsError"]

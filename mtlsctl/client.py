@@ -108,7 +108,7 @@ def plan_issue(settings: Settings, req: IssueRequest) -> list[Command]:
     settings.pki.require_ca()
     if req.kind != "client":
         require_section(settings.pki, req.extensions)
-    _refuse_conflicts(settings.pki, req.name)
+    refuse_conflicts(settings.pki, req.name)
     return issue_commands(req, settings.pki.ca_bundle)
 
 
@@ -121,7 +121,7 @@ def require_section(pki: Pki, section: str) -> None:
         )
 
 
-def _refuse_conflicts(pki: Pki, name: str) -> None:
+def refuse_conflicts(pki: Pki, name: str) -> None:
     rows = db.read_index(pki.path(pki.index))
     active = [r for r in rows if r.cn == name and r.is_active()]
     if active:
@@ -181,14 +181,14 @@ def issue_client(settings: Settings, req: IssueRequest, runner: Runner) -> Issue
     """
     pki = settings.pki
     pki.require_ca()
-    _refuse_conflicts(pki, req.name)
+    refuse_conflicts(pki, req.name)
     if req.kind != "client":
         require_section(pki, req.extensions)
     password = req.password if req.password is not None else generate_password()
     files = ClientFiles(req.name)
     keygen, csr, sign = issue_commands(req)[:3]
     with pki_lock(pki.lock_path), Transaction(pki.root) as tx:
-        _refuse_conflicts(pki, req.name)  # again, under the lock
+        refuse_conflicts(pki, req.name)  # again, under the lock
         produce(tx, pki.path(files.key), MODE_SECRET, lambda: runner.run(keygen, cwd=pki.root))
         produce(tx, pki.path(files.csr), MODE_PUBLIC, lambda: runner.run(csr, cwd=pki.root))
         row = sign_into_database(pki, sign, req.name, files.crt, runner, tx)
@@ -318,12 +318,12 @@ def issue_batch(settings: Settings, names: list[str], runner: Runner, *, days: i
     pki.require_ca()
     reqs = [build_request(settings, name, days=days, key_type=key_type, p12=p12) for name in names]
     for req in reqs:
-        _refuse_conflicts(pki, req.name)
+        refuse_conflicts(pki, req.name)
     workers = workers or os.cpu_count() or 1
     result = BatchResult()
     with pki_lock(pki.lock_path), Transaction(pki.root) as tx:
         for req in reqs:
-            _refuse_conflicts(pki, req.name)
+            refuse_conflicts(pki, req.name)
             files = ClientFiles(req.name)
             tx.may_create(pki.path(files.key), pki.path(files.csr))
 

@@ -15,7 +15,7 @@ from datetime import datetime
 from pathlib import Path
 
 from mtlsctl import openssl, validate
-from mtlsctl.client import _refuse_conflicts, sign_into_database
+from mtlsctl.client import refuse_conflicts, sign_into_database
 from mtlsctl.errors import InputError, StateError
 from mtlsctl.files import MODE_PUBLIC, Transaction, atomic_write, pki_lock
 from mtlsctl.pki import ClientFiles, Settings
@@ -153,10 +153,10 @@ def sign_csr(settings: Settings, csr_path: Path, name: str, days: int | None, ru
     days = validate.days(days if days is not None else settings.profile.clients.days)
     info = inspect(settings, csr_path, name, runner)
     files = ClientFiles(name)
-    _refuse_conflicts(pki, name)
+    refuse_conflicts(pki, name)
     content = csr_path.read_bytes()
     with pki_lock(pki.lock_path), Transaction(pki.root) as tx:
-        _refuse_conflicts(pki, name)
+        refuse_conflicts(pki, name)
         tx.created(pki.path(files.csr))
         atomic_write(pki.path(files.csr), content, MODE_PUBLIC)
         row = sign_into_database(pki, openssl.ca_sign(files.csr, files.crt, days), name, files.crt, runner, tx)

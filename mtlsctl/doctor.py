@@ -16,7 +16,7 @@ from mtlsctl import db
 from mtlsctl.crl import parse_crl_text, parse_openssl_date
 from mtlsctl.errors import MtlsError
 from mtlsctl.files import JOURNAL_DIR
-from mtlsctl.pki import DIRS, LOCK_NAME, Settings
+from mtlsctl.pki import DIRS, Settings
 from mtlsctl.runner import Command, Runner
 
 
@@ -238,5 +238,3 @@ def run_doctor(settings: Settings, runner: Runner, now: datetime | None = None) 
     findings += check_nginx(settings)
     return findings
 
-
-__all__ = ["Finding", "run_doctor", "LOCK_NAME"]

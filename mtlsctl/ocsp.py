@@ -15,8 +15,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from mtlsctl import client
-from mtlsctl.errors import InputError, StateError
+from mtlsctl import client, db
+from mtlsctl.errors import InputError
 from mtlsctl.files import MODE_PUBLIC, atomic_write, pki_lock
 from mtlsctl.openssl import render_openssl_cnf
 from mtlsctl.pki import ClientFiles, Pki, Settings
@@ -56,7 +56,7 @@ def setup(settings: Settings, runner: Runner) -> SetupResult:
         with pki_lock(pki.lock_path):
             atomic_write(cnf, wanted, MODE_PUBLIC)
         rendered = True
-    rows = [r for r in client.db.read_index(pki.path(pki.index)) if r.cn == SIGNER and r.is_active()]
+    rows = [r for r in db.read_index(pki.path(pki.index)) if r.cn == SIGNER and r.is_active()]
     if rows and pki.path(ClientFiles(SIGNER).key).exists():
         return SetupResult(rendered, None)
     req = client.build_request(settings, SIGNER, days=settings.profile.ocsp.signer_days, kind="ocsp")  # type: ignore[union-attr]
@@ -162,5 +162,3 @@ def stop(pki: Pki) -> None:
     if pid is not None:
         os.kill(pid, signal.SIGTERM)
 
-
-__all__ = ["setup", "serve", "check", "prime", "StateError"]
