@@ -74,11 +74,11 @@ class Subject(_Strict):
             return v
         if len(v) > 64:
             raise ValueError("at most 64 characters")
-        try:
-            validate.config_value(v, what="value")
-        except InputError as exc:
-            raise ValueError(exc.message.split(" contains ", 1)[-1] if " contains " in exc.message
-                             else "empty or surrounded by spaces") from None
+        bad = validate.config_unsafe(v)
+        if bad:
+            raise ValueError(f"contains {', '.join(repr(c) for c in bad)}, which openssl.cnf would read as syntax")
+        if v != v.strip() or not v:
+            raise ValueError("empty or surrounded by spaces")
         return v
 
     def fields(self) -> list[tuple[str, str]]:
@@ -195,21 +195,72 @@ def _command_line(value: str | None) -> str | None:
     return value
 
 
-_NGINX_UNSAFE = set(";{}\"'`$\\")
-_TIME_RE = re.compile(r"^[0-9]+(ms|s|m|h|d)?$")
-_RATE_RE = re.compile(r"^[1-9][0-9]*r/[sm]$")
-_LISTEN_RE = re.compile(r"^(?:(?P<port>[0-9]{1,5})|(?P<v4>[0-9.]+):(?P<p4>[0-9]{1,5})|\[(?P<v6>[0-9A-Fa-f:.]+)\]:(?P<p6>[0-9]{1,5}))$")
-_UPSTREAM_RE = re.compile(r"^(https?://[A-Za-z0-9.\-\[\]:]+(/[A-Za-z0-9._~/%-]*)?|unix:/[A-Za-z0-9._/-]+)$")
+# nginx syntax: ; ends a directive, braces open and close blocks, quotes and \ quote and escape, $ starts a
+# variable, # a comment (after a space). Control characters and line breaks are refused with them.
+_NGINX_UNSAFE = set(";{}\"'`$\\#")
+# Patterns below are used with fullmatch: `^...$` with match() lets a trailing newline through.
+_TIME_RE = re.compile(r"[0-9]+(ms|s|m|h|d)?")
+_RATE_RE = re.compile(r"[1-9][0-9]*r/[sm]")
+_LISTEN_RE = re.compile(r"(?P<port>[0-9]{1,5})|(?P<v4>[0-9.]+):(?P<p4>[0-9]{1,5})|\[(?P<v6>[0-9A-Fa-f:.]+)\]:(?P<p6>[0-9]{1,5})")
+_UPSTREAM_RE = re.compile(r"https?://[A-Za-z0-9.\-\[\]:]+(/[A-Za-z0-9._~/%-]*)?|unix:/[A-Za-z0-9._/-]+")
+_OCSP_URL_RE = re.compile(r"http://(\[[0-9A-Fa-f:.]+\]|[0-9.]+)(:[0-9]{1,5})?(/[A-Za-z0-9._~/-]*)?")
 
 
 def nginx_safe(value: str, what: str = "value", allow_space: bool = False) -> str:
-    """Refuse what would inject nginx syntax: ; { } quotes $ \\ backticks, control characters."""
+    """Refuse what would inject nginx syntax: ; { } quotes $ \\ # backticks, control characters."""
     bad = sorted({c for c in value if c in _NGINX_UNSAFE or not c.isprintable() or (c.isspace() and not allow_space)})
     if bad:
         raise ValueError(f"{what} contains {', '.join(repr(c) for c in bad)}, which nginx would read as syntax")
     if not value:
         raise ValueError(f"{what} is empty")
     return value
+
+
+# Allowlist entries are rendered inside a double-quoted nginx string. In it, nginx turns `\\` into one
+# backslash (and \" \' into quotes) before PCRE sees the regex, so a regex using them would not be the
+# one checked here; `#`, `;`, braces, quotes, `$` and backticks are refused like everywhere else in nginx files.
+_ALLOW_UNSAFE = set(";{}\"'`$#")
+# PCRE metacharacters a DN can contain (a backslash, braces and $ are refused). A backslash before a non-alphanumeric
+# character is always a literal in PCRE (and in Python's re, which checks the result).
+_PCRE_META = re.compile(r"([.^|?*+()\[\]])")
+
+
+def allow_regex(entry: str) -> str:
+    """The regex nginx runs for one `nginx.allow` entry, anchored as a whole: `^(?:PATTERN)$`.
+
+    `~PATTERN` is the user's regex (a leading ^ and trailing $ are dropped, then the whole is anchored, so
+    `~CN=alice|CN=bob` cannot match `CN=alice.evil`: `~^a|b$` anchors only a and b, FIELD-NOTES). A DN
+    entry becomes the same regex with every metacharacter escaped: an exact, case-sensitive match, where a
+    plain map string key would compare without case (`CN=admin` would admit `CN=ADMIN`, FIELD-NOTES).
+
+    Raises:
+        ValueError: the entry holds nginx syntax, is not a DN, or is a regex that does not compile.
+    """
+    regex = entry.startswith("~")
+    body = entry[1:].removeprefix("^").removesuffix("$") if regex else entry  # we anchor it ourselves
+    bad = sorted({c for c in body if c in _ALLOW_UNSAFE or not c.isprintable()})
+    if bad:
+        raise ValueError(f"entry {entry!r} contains {', '.join(repr(c) for c in bad)}, which nginx would read as syntax")
+    if entry.startswith("~*"):
+        raise ValueError(f"regex {entry!r} uses ~* (case-insensitive); entries match case-sensitively, write ~REGEX")
+    if regex:
+        pattern = body
+        if not pattern:
+            raise ValueError(f"regex {entry!r} is empty")
+        if "\\\\" in pattern:
+            raise ValueError(f"regex {entry!r} contains a double backslash (\\\\), which nginx turns into one before the regex runs")
+        anchored = f"^(?:{pattern})$"
+        try:
+            re.compile(pattern)  # on its own first: an unbalanced `a)|(b` must not fit the wrapper
+            re.compile(anchored)
+        except re.error as exc:
+            raise ValueError(f"regex {entry!r} does not compile: {exc}") from None
+        return anchored
+    if "\\" in entry:
+        raise ValueError(f"DN {entry!r} contains '\\\\', which nginx would read as an escape")
+    if "=" not in entry:
+        raise ValueError(f"DN {entry!r} is not a DN such as CN=iphone-jmrp (or start it with ~ for a regex)")
+    return "^" + _PCRE_META.sub(r"\\\1", entry) + "$"
 
 
 class RateLimit(_Strict):
@@ -219,7 +270,7 @@ class RateLimit(_Strict):
     @field_validator("rate")
     @classmethod
     def _rate(cls, v: str) -> str:
-        if not _RATE_RE.match(v):
+        if not _RATE_RE.fullmatch(v):
             raise ValueError("must look like 5r/s or 300r/m")
         return v
 
@@ -238,7 +289,8 @@ class NginxProfile(_Strict):
     crl: bool = Field(default=True, description="ssl_crl <pki>/crl/ca.crl")
     session_timeout: str = Field(default="10m", description="ssl_session_timeout: how long a revoked client can resume a session")
     upstream: str = Field(default="http://127.0.0.1:8080", description="proxy_pass target")
-    allow: list[str] = Field(default_factory=list, description='exact DNs ("CN=iphone-jmrp") or "~REGEX" (anchored ^...$); empty: any valid certificate')
+    allow: list[str] = Field(default_factory=list, description='exact DNs ("CN=iphone-jmrp", case-sensitive) or "~REGEX" '
+                             '(anchored as a whole, ^(?:REGEX)$); empty: any valid certificate')
     rate_limit: RateLimit | None = Field(default=None, description="limit clients that are not verified (and allowlisted); verified ones bypass it")
     access_log: str = Field(default="/var/log/nginx/secure.access.log", description="access log, with the client DN, serial and verify result")
     error_log: str = Field(default="/var/log/nginx/secure.error.log", description="error log at level info (verify failures are logged only at info)")
@@ -276,7 +328,7 @@ class NginxProfile(_Strict):
     @field_validator("listen")
     @classmethod
     def _listen(cls, v: str) -> str:
-        m = _LISTEN_RE.match(v)
+        m = _LISTEN_RE.fullmatch(v)
         if not m:
             raise ValueError('must be "PORT", "ADDR:PORT" or "[IPV6]:PORT"')
         port = int(m.group("port") or m.group("p4") or m.group("p6"))
@@ -295,7 +347,7 @@ class NginxProfile(_Strict):
     @field_validator("session_timeout")
     @classmethod
     def _time(cls, v: str) -> str:
-        if not _TIME_RE.match(v):
+        if not _TIME_RE.fullmatch(v):
             raise ValueError("must be an nginx time such as 10m, 300s or 1h")
         return v
 
@@ -303,7 +355,7 @@ class NginxProfile(_Strict):
     @classmethod
     def _upstream(cls, v: str) -> str:
         nginx_safe(v, "upstream")
-        if not _UPSTREAM_RE.match(v):
+        if not _UPSTREAM_RE.fullmatch(v):
             raise ValueError("must be http://HOST[:PORT][/PATH], https://... or unix:/PATH")
         return v
 
@@ -313,19 +365,7 @@ class NginxProfile(_Strict):
         for entry in v:
             if not isinstance(entry, str) or not entry:
                 raise ValueError("entries must be non-empty strings")
-            if entry.startswith("~"):
-                pattern = entry[1:].removeprefix("^").removesuffix("$")
-                if not pattern or any(c in pattern for c in ";{}\"'`$\n\r") or not pattern.isprintable():
-                    raise ValueError(f"regex {entry!r} is empty or contains ; {{ }} quotes or a line break")
-                try:
-                    re.compile(pattern)
-                except re.error as exc:
-                    raise ValueError(f"regex {entry!r} does not compile: {exc}") from None
-            else:
-                if any(c in entry for c in ";{}\"'`$\\\n\r") or not entry.isprintable():
-                    raise ValueError(f"DN {entry!r} contains ; {{ }} quotes $ \\ or a line break")
-                if "=" not in entry:
-                    raise ValueError(f"DN {entry!r} is not a DN such as CN=iphone-jmrp (or start it with ~ for a regex)")
+            allow_regex(entry)
         return v
 
 
@@ -343,7 +383,7 @@ class OcspProfile(_Strict):
     def _url(cls, v: str) -> str:
         import ipaddress
 
-        m = re.match(r"^http://(\[[0-9A-Fa-f:.]+\]|[0-9.]+)(:[0-9]{1,5})?(/[A-Za-z0-9._~/-]*)?$", v)
+        m = _OCSP_URL_RE.fullmatch(v)
         if not m:
             raise ValueError("must be http://IP[:PORT][/PATH] with an IP literal (nginx would need a resolver for a name)")
         try:

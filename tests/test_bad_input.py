@@ -7,7 +7,7 @@ import pytest
 from .conftest import tree
 
 BAD_NAMES = ["", "../etc/passwd", "a/b", ".hidden", "a..b", "-rf", "x" * 65, "sp ace", "semi;colon", "ca", "naïve",
-             "new\nline", "$(id)"]
+             "new\nline", "$(id)", "abc\n", "abc\r\n", "CA", "Root", "chain", "OCSP-Responder"]
 
 
 def _assert_refused(res, *needles: str) -> None:
@@ -36,6 +36,19 @@ def test_bad_client_names(fast_pki, mtls, name):
     ("otherName:1.2.3;UTF8:x", "not TYPE:VALUE"),
     ("DNS", "not TYPE:VALUE"),
     ("DNS:a\"b", "forbidden character"),
+    # openssl's config parser reads the -addext value: '#' would silently cut the SAN list (FIELD-NOTES)
+    ("URI:https://x.example/#frag", "'#'"),
+    ("URI:https://x.example/a#b,DNS:c", "'#'"),
+    ("URI:https://x.example/$HOME", "'$'"),
+    ("URI:https://x.example/a\\b", "'\\\\'"),
+    ("URI:https://x.example/'", "\"'\""),
+    ("DNS:a.example\n", "'\\n'"),
+    ("email:a@b.example\n", "'\\n'"),
+    ("URI:https://x.example/\n", "'\\n'"),
+    ("IP:10.0.0.1\n", "'\\n'"),
+    ("DNS:a.example\r", "'\\r'"),
+    ("URI:https://x.example/é", "'é'"),
+    ("IP:fe80::1%eth0", "zone"),
 ])
 def test_bad_sans(fast_pki, mtls, san, needle):
     before = tree(fast_pki)
@@ -105,6 +118,34 @@ def test_bad_key_type_and_p12_profile(fast_pki, mtls):
     ("nginx: {session_timeout: 1 day}\n", ["nginx time"]),
     ("nginx: {rate_limit: {rate: fast}}\n", ["5r/s"]),
     ("pki_dir: '/tmp/a#b'\n", ["pki_dir", "'#'"]),
+    # a trailing newline passes `^...$` with re.match: every pattern is a full match
+    ("nginx: {session_timeout: \"10m\\n\"}\n", ["nginx.session_timeout", "nginx time"]),
+    ("nginx: {rate_limit: {rate: \"5r/s\\n\"}}\n", ["nginx.rate_limit.rate", "5r/s"]),
+    ("nginx: {listen: \"443\\n\"}\n", ["nginx.listen", "PORT"]),
+    ("nginx: {upstream: \"http://127.0.0.1:8080\\n\"}\n", ["nginx.upstream", "'\\n'"]),
+    ("nginx: {server_name: \"a.example\\n\"}\n", ["nginx.server_name", "'\\n'"]),
+    ("nginx: {server_cert: \"/etc/ssl/a.crt\\n\"}\n", ["nginx.server_cert", "'\\n'"]),
+    ("nginx: {allow: [\"CN=a\\n\"]}\n", ["nginx.allow", "'\\n'"]),
+    ("nginx: {allow: [\"~CN=a-.*\\n\"]}\n", ["nginx.allow", "'\\n'"]),
+    ("ocsp: {url: \"http://127.0.0.1:8889\\n\", port: 8889}\n", ["ocsp.url", "http://IP"]),
+    ("ca:\n  subject: {CN: \"Lab CA\\n\"}\n", ["ca.subject.CN", "'\\n'"]),
+    ("pki_dir: \"/tmp/pki\\n\"\n", ["pki_dir", "'\\n'"]),
+    # '#' and the other characters nginx or openssl.cnf read as syntax, named in the message
+    ("nginx: {server_name: 'a.example #x'}\n", ["nginx.server_name", "'#'"]),
+    ("nginx: {server_cert: '/etc/ssl/a#b.crt'}\n", ["nginx.server_cert", "'#'"]),
+    ("nginx: {access_log: '/var/log/a\\b.log'}\n", ["nginx.access_log", "'\\\\'"]),
+    ("nginx: {error_log: '/var/log/${x}.log'}\n", ["nginx.error_log", "'$'", "'{'", "'}'"]),
+    ("nginx: {upstream: 'http://x/#frag'}\n", ["nginx.upstream", "'#'"]),
+    ("nginx: {allow: ['CN=a#b']}\n", ["nginx.allow", "'#'"]),
+    ("nginx: {allow: ['~CN=a-.*#']}\n", ["nginx.allow", "'#'"]),
+    ("nginx: {allow: ['~CN=a;b']}\n", ["nginx.allow", "';'"]),
+    ("nginx: {allow: ['CN=a\\b']}\n", ["nginx.allow", "'\\\\'"]),
+    ("nginx: {allow: ['~CN=a\\\\b']}\n", ["nginx.allow", "double backslash"]),
+    ("nginx: {allow: ['~CN=a)|(CN=b']}\n", ["nginx.allow", "does not compile"]),
+    ("nginx: {allow: ['~*cn=admin']}\n", ["nginx.allow", "~*"]),
+    ("ca:\n  subject: {CN: 'Lab # CA'}\n", ["ca.subject.CN", "'#'"]),
+    ("ca:\n  subject: {CN: x, O: 'Lab \\\\ Org'}\n", ["ca.subject.O", "'\\\\'"]),
+    ("ca:\n  subject: {CN: x, OU: 'say \"hi\"'}\n", ["ca.subject.OU", "'\"'"]),
     ("- just\n- a list\n", ["top level must be a mapping"]),
     ("ca: [\n", ["YAML syntax error at line"]),
 ])

@@ -30,7 +30,10 @@ pytestmark = [
     pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed (.ci/run installs it)"),
 ]
 
-CLIENTS = ["iphone-jmrp", "admin-bob", "superadmin-x", "guest", "lost-device"]
+CLIENTS = ["iphone-jmrp", "admin-bob", "superadmin-x", "guest", "lost-device", "admin", "alice", "bob", "alice.evil", "ops-x"]
+# Certificates mtlsctl would not issue (a name differing only in case from an active one, a CN with '='), signed
+# by hand with `openssl ca` from the same CA: what matters is what nginx does with them. file stem -> CN.
+BY_HAND = {"hand-ADMIN": "ADMIN", "hand-OPS-X": "OPS-X", "hand-notreally": "notreally-CN=admin-y"}
 P12_PASSWORD = "p12-pass-word"
 
 
@@ -60,7 +63,20 @@ def e2e_template(tmp_path_factory) -> Path:
         res = run_cli(["--pki-dir", str(pki), "add-client", f"p12-{profile}", "--p12", profile, "--password-stdin"],
                       stdin=P12_PASSWORD + "\n")
         assert res.code == 0, res.err
+    for stem, cn in BY_HAND.items():
+        _issue_by_hand(pki, stem, cn)
     return pki
+
+
+def _issue_by_hand(pki: Path, stem: str, cn: str) -> None:
+    """certs/STEM.crt for CN=cn, signed by the PKI's CA with the client section, bypassing mtlsctl's checks."""
+    openssl("genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256", "-out", f"private/{stem}.key", cwd=pki)
+    openssl("req", "-new", "-config", "openssl.cnf", "-key", f"private/{stem}.key", "-subj", f"/CN={cn}",
+            "-out", f"certs/{stem}.csr", cwd=pki)
+    openssl("ca", "-config", "openssl.cnf", "-batch", "-notext", "-extensions", "v3_client", "-days", "30",
+            "-in", f"certs/{stem}.csr", "-out", f"certs/{stem}.crt", cwd=pki)
+    subject = openssl("x509", "-in", f"certs/{stem}.crt", "-noout", "-subject", "-nameopt", "RFC2253", cwd=pki).stdout
+    assert subject.strip() == f"subject=CN={cn}"
 
 
 @dataclass
@@ -146,6 +162,39 @@ def test_regex_allowlist_entries_match_only_what_they_should(make_site):
     site = make_site()
     assert site.curl("admin-bob")[0] == 200  # ~CN=admin-.* admits CN=admin-bob
     assert site.curl("superadmin-x")[0] == 403  # rendered anchored: ^CN=admin-.*$
+
+
+def test_a_dn_entry_is_case_sensitive_and_so_is_a_regex_entry(make_site):
+    """nginx compares plain map string keys without case (FIELD-NOTES): `CN=admin` rendered as "CN=admin" admits
+    a certificate for CN=ADMIN. Rendered as an escaped regex, "~^CN=admin$", it does not."""
+    site = make_site(allow=["CN=admin", "~CN=ops-[a-z]+"])
+    code, body = site.curl("admin")
+    assert code == 200 and "Client DN: CN=admin" in body
+    code, body = site.curl("hand-ADMIN")
+    assert code == 403 and "not authorized" in body
+    assert site.curl("ops-x")[0] == 200
+    assert site.curl("hand-OPS-X")[0] == 403
+    assert site.curl("admin-bob")[0] == 403  # an exact DN, not a prefix
+    access = (site.nginx.prefix / "logs/access.log").read_text()
+    assert 'client_dn="CN=ADMIN"' in access  # the certificate was verified: only the allowlist refused it
+
+
+def test_an_alternation_is_anchored_as_a_whole(make_site):
+    """`~^CN=alice|CN=bob$` anchors ^ to the first branch and $ to the second: CN=alice.evil would pass."""
+    site = make_site(allow=["~CN=alice|CN=bob"])
+    assert site.curl("alice")[0] == 200
+    assert site.curl("bob")[0] == 200
+    assert site.curl("alice.evil")[0] == 403
+    site = make_site(allow=["~^CN=alice|CN=bob$"])  # anchors written by the user are dropped, then the whole anchored
+    assert [site.curl(c)[0] for c in ("alice", "bob", "alice.evil")] == [200, 200, 403]
+
+
+def test_a_prefix_regex_admits_neither_a_longer_name_nor_a_cn_that_contains_it(make_site):
+    site = make_site(allow=["~CN=admin-.*"])
+    assert site.curl("admin-bob")[0] == 200
+    assert site.curl("superadmin-x")[0] == 403
+    code, _ = site.curl("hand-notreally")  # CN=notreally-CN=admin-y: an unanchored regex would admit it
+    assert code == 403
 
 
 def test_each_p12_profile_openssl3_reads_works_with_curl(make_site):

@@ -23,7 +23,8 @@ CASES = {
     "nginx-defaults.conf": {},
     "nginx-allowlist-optional-ratelimit.conf": {
         "nginx": {"server_name": "secure.example.com", "listen": "10.0.0.1:8443", "verify_client": "optional",
-                  "allow": ["CN=iphone-jmrp", "~CN=admin-.*"], "rate_limit": {"rate": "5r/s", "burst": 10},
+                  "allow": ["CN=iphone-jmrp", "~CN=admin-.*", "~^CN=alice|CN=bob$", "CN=web.example (lab)"],
+                  "rate_limit": {"rate": "5r/s", "burst": 10},
                   "http2": False, "crl": True, "session_timeout": "5m"},
     },
     "nginx-ocsp.conf": {"ocsp": {"url": "http://10.0.0.2:8889", "port": 8889, "nmin": 5}},

@@ -3,6 +3,7 @@ never a traceback, and a refusal never writes anything."""
 
 from __future__ import annotations
 
+import re
 import string
 
 import pytest
@@ -12,14 +13,14 @@ from hypothesis import strategies as st
 
 from mtlsctl import validate
 from mtlsctl.errors import InputError, ProfileError
-from mtlsctl.profile import parse_profile
+from mtlsctl.profile import allow_regex, parse_profile
 
 from .conftest import run_cli, tree
 
 pytestmark = pytest.mark.integration
 
 NASTY = st.sampled_from(["../", "/", "..", "\n", "\r", "\x00", "$(id)", "`id`", ";", "{", "}", '"', "'", "\\", " ",
-                         "-", ".", "~", "*", "%", "é", "\u202e", "CN=", ",", "=", ":", "\t"])
+                         "-", ".", "~", "*", "%", "é", "\u202e", "CN=", ",", "=", ":", "\t", "#", "|", "CA", "root"])
 TEXT = st.one_of(st.text(max_size=80), st.lists(st.one_of(NASTY, st.text(string.ascii_letters + string.digits, max_size=5)),
                                                   max_size=12).map("".join))
 SAN = st.one_of(TEXT, st.tuples(st.sampled_from(["DNS", "IP", "email", "URI", "dns", "otherName", ""]), TEXT).map(":".join))
@@ -76,7 +77,49 @@ def test_a_name_that_passes_can_never_leave_the_pki(name):
     except InputError:
         return
     assert "/" not in name and ".." not in name and not name.startswith((".", "-")) and name.isascii()
-    assert name.lower() != "ca" and 0 < len(name) <= 64
+    assert name.lower() not in ("ca", "root", "chain") and 0 < len(name) <= 64
+    assert re.fullmatch(r"[A-Za-z0-9._-]+", name)  # nothing after the last allowed character, not even a newline
+    if name.lower() == "ocsp-responder":
+        with pytest.raises(InputError):
+            validate.client_name(name, role="client")
+
+
+@settings(max_examples=300, deadline=None)
+@given(value=SAN)
+def test_a_san_that_passes_holds_nothing_openssl_config_reads_as_syntax(value):
+    """The SANs are joined into one -addext value that openssl's config parser reads (`#` cuts it there)."""
+    try:
+        out = validate.san(value)
+    except InputError:
+        return
+    rest = out.split(":", 1)[1]
+    assert rest and rest.isascii() and rest.isprintable()
+    assert not any(c in rest for c in ",#$\\\"' \t\r\n")
+
+
+# DN-like text with the characters that make or break a regex, so hypothesis finds near misses
+DN_TEXT = st.text(alphabet="CN=abAB.-_,O |", max_size=12)
+ALLOW_ENTRY = st.one_of(DN_TEXT.map(lambda t: "CN=" + t), st.text(alphabet="CN=abAB.-|*+?()[]^$\\", max_size=12).map("~".__add__),
+                        TEXT)
+
+
+@settings(max_examples=500, deadline=None)
+@given(entry=ALLOW_ENTRY, dn=st.one_of(DN_TEXT, DN_TEXT.map(lambda t: "CN=" + t)))
+def test_an_allow_entry_admits_exactly_what_it_says(entry, dn):
+    """nginx searches the rendered regex anywhere in $ssl_client_s_dn: it must anchor itself, as a whole.
+
+    A DN entry admits that DN and nothing else (not another case, not a longer DN); `~PATTERN` admits
+    exactly the DNs PATTERN matches in full (`~CN=a|CN=b` does not admit `CN=a.evil`)."""
+    try:
+        rendered = allow_regex(entry)
+    except ValueError:
+        return
+    admitted = re.search(rendered, dn) is not None
+    if entry.startswith("~"):
+        pattern = entry[1:].removeprefix("^").removesuffix("$")
+        assert admitted == (re.fullmatch(pattern, dn) is not None), (entry, rendered, dn)
+    else:
+        assert admitted == (dn == entry), (entry, rendered, dn)
 
 
 SCALARS = st.one_of(st.none(), st.booleans(), st.integers(-10**9, 10**9), st.floats(allow_nan=False), TEXT)
