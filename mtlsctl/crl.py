@@ -8,9 +8,9 @@ minutes in the past, nextUpdate explicitly `crl.days` ahead, and the file is rep
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
 
 from mtlsctl.errors import InputError, StateError
 from mtlsctl.files import MODE_PUBLIC, Transaction, atomic_write, fsync_dir, normalize_modes, pki_lock, protect_database
@@ -103,36 +103,31 @@ class CrlInfo:
 
 
 def crl_text_command(path: str = Pki.crl) -> Command:
+    """For display only (`openssl crl -text`): decisions read the CRL through mtlsctl.x509read."""
     return Command(("openssl", "crl", "-in", path, "-noout", "-text"))
 
 
 def parse_openssl_date(text: str) -> datetime:
-    """`Nov  7 01:55:29 2026 GMT` (openssl's -text and -enddate form)."""
+    """`Nov  7 01:55:29 2026 GMT` (openssl's -enddate form, still used by the drop-in scripts' output)."""
     return datetime.strptime(" ".join(text.split()), "%b %d %H:%M:%S %Y GMT").replace(tzinfo=timezone.utc)
 
 
-def parse_crl_text(text: str) -> CrlInfo:
-    """Read lastUpdate, nextUpdate, the CRL number and the revoked count from `openssl crl -text`."""
-    this_update = re.search(r"Last Update: (.+)", text)
-    next_update = re.search(r"Next Update: (.+)", text)
-    number = re.search(r"CRL Number: *\n\s*(\d+)", text)
-    if not this_update or not next_update:
-        raise StateError("the CRL has no lastUpdate/nextUpdate", hint="regenerate it: mtlsctl crl")
-    revoked_part = text.split("Revoked Certificates:", 1)[1] if "Revoked Certificates:" in text else ""
-    num = format(int(number.group(1)), "X") if number else ""
-    return CrlInfo(
-        this_update=parse_openssl_date(this_update.group(1)),
-        next_update=parse_openssl_date(next_update.group(1)),
-        crl_number=num.zfill(len(num) + len(num) % 2),
-        revoked=len(re.findall(r"^\s+Serial Number: ", revoked_part, re.M)),
-    )
+def crl_info_from_file(path: Path) -> CrlInfo:
+    """lastUpdate, nextUpdate, the CRL number and the revoked count, from the CRL's parsed DER."""
+    from mtlsctl.x509read import read_crl_facts
+
+    facts = read_crl_facts(path)
+    if facts.next_update is None:
+        raise StateError(f"{path.name} has no nextUpdate", hint="regenerate it: mtlsctl crl")
+    return CrlInfo(this_update=facts.this_update, next_update=facts.next_update, crl_number=facts.crl_number,
+                   revoked=facts.revoked)
 
 
 def read_crl_info(pki: Pki, runner: Runner) -> CrlInfo | None:
     """The current CRL's dates and size, or None when crl/ca.crl does not exist."""
     if not pki.path(pki.crl).exists():
         return None
-    return parse_crl_text(runner.run(crl_text_command(), cwd=pki.root).stdout)
+    return crl_info_from_file(pki.path(pki.crl))
 
 
 def read_crl_info_or_none(pki: Pki, runner: Runner) -> CrlInfo | None:
@@ -177,7 +172,7 @@ def refresh_crl(pki: Pki, profile: Profile, runner: Runner, *, if_due: bool, now
 def read_root_crl_info(pki: Pki, runner: Runner) -> CrlInfo | None:
     if not pki.path(pki.root_crl).exists():
         return None
-    return parse_crl_text(runner.run(crl_text_command(pki.root_crl), cwd=pki.root).stdout)
+    return crl_info_from_file(pki.path(pki.root_crl))
 
 
 def refresh_root_crl(pki: Pki, profile: Profile, runner: Runner, root_key: str | None = None,

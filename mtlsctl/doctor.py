@@ -1,7 +1,7 @@
 """`mtlsctl doctor`: check a PKI and explain each problem with how to fix it.
 
-Reads the files and index.txt in Python; runs openssl only for the CA certificate's end date, the
-CRL and the openssl version. Exit 0 healthy, 1 when any check warns or fails.
+Reads the files, index.txt, the CA certificate and the CRLs in Python (parsed, never openssl's text);
+runs openssl only for its version. Exit 0 healthy, 1 when any check warns or fails.
 """
 
 from __future__ import annotations
@@ -13,10 +13,10 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 
 from mtlsctl import db
-from mtlsctl.crl import parse_crl_text, parse_openssl_date
+from mtlsctl.crl import CrlInfo, crl_info_from_file
 from mtlsctl.errors import MtlsError
 from mtlsctl.files import JOURNAL_DIR
-from mtlsctl.pki import DIRS, Settings
+from mtlsctl.pki import DIRS, Pki, Settings
 from mtlsctl.runner import Command, Runner
 
 
@@ -73,10 +73,12 @@ def check_modes(settings: Settings) -> list[Finding]:
 
 def check_ca(settings: Settings, runner: Runner, now: datetime) -> list[Finding]:
     pki = settings.pki
-    res = runner.run(Command(("openssl", "x509", "-in", pki.ca_cert, "-noout", "-enddate")), cwd=pki.root, check=False)
-    if res.returncode != 0:
+    from mtlsctl.x509read import not_after
+
+    try:
+        end = not_after(pki.path(pki.ca_cert))
+    except MtlsError:
         return [Finding("ca", "error", "ca/ca.crt cannot be read", "restore it from a backup")]
-    end = parse_openssl_date(res.stdout.strip().split("=", 1)[1])
     left = end - now
     if left <= timedelta(0):
         return [Finding("ca", "error", f"the CA certificate EXPIRED on {end:%Y-%m-%d}: nginx rejects every client",
@@ -87,15 +89,25 @@ def check_ca(settings: Settings, runner: Runner, now: datetime) -> list[Finding]
     return [Finding("ca", "ok", f"the CA certificate is valid until {end:%Y-%m-%d} ({left.days} days)")]
 
 
+def _signed_crl_info(pki: Pki, crl: str, ca: str) -> CrlInfo | None:
+    """The CRL's parsed dates and counts when its signature verifies with the CA's key, else None."""
+    from mtlsctl.x509read import crl_signed_by
+
+    try:
+        if not crl_signed_by(pki.path(crl), pki.path(ca)):
+            return None
+        return crl_info_from_file(pki.path(crl))
+    except (MtlsError, OSError):
+        return None
+
+
 def check_crl(settings: Settings, runner: Runner, now: datetime) -> list[Finding]:
     pki = settings.pki
     if not pki.path(pki.crl).exists():
         return [Finding("crl", "error", "crl/ca.crl is missing: nginx with ssl_crl will not start", "mtlsctl crl")]
-    res = runner.run(Command(("openssl", "crl", "-in", pki.crl, "-noout", "-text", "-CAfile", pki.ca_cert)),
-                     cwd=pki.root, check=False)
-    if res.returncode != 0 or "verify OK" not in res.stderr + res.stdout:
+    info = _signed_crl_info(pki, pki.crl, pki.ca_cert)
+    if info is None:
         return [Finding("crl", "error", "crl/ca.crl is unreadable or not signed by this CA", "mtlsctl crl")]
-    info = parse_crl_text(res.stdout)
     out = []
     if info.next_update <= now:
         out.append(Finding("crl", "error", f"the CRL EXPIRED on {info.next_update:%Y-%m-%d %H:%M} UTC: nginx rejects EVERY client",
@@ -116,13 +128,11 @@ def check_crl(settings: Settings, runner: Runner, now: datetime) -> list[Finding
     except (OSError, ValueError):
         out.append(Finding("crl", "error", "crlnumber is missing or not hex", "restore it from crlnumber.old or a backup"))
     if pki.has_chain():
-        res = runner.run(Command(("openssl", "crl", "-in", pki.root_crl, "-noout", "-text", "-CAfile", pki.root_cert)),
-                         cwd=pki.root, check=False)
-        if res.returncode != 0 or "verify OK" not in res.stderr + res.stdout:
+        root = _signed_crl_info(pki, pki.root_crl, pki.root_cert)
+        if root is None:
             out.append(Finding("crl", "error", "crl/root.crl is missing, unreadable or not signed by the root",
                                "mtlsctl crl --root [--root-key FILE]"))
         else:
-            root = parse_crl_text(res.stdout)
             if root.next_update <= now:
                 out.append(Finding("crl", "error", f"the ROOT CRL expired on {root.next_update:%Y-%m-%d}: nginx rejects every client",
                                    "mtlsctl crl --root --root-key FILE"))

@@ -143,10 +143,12 @@ def check(settings: Settings, name: str, runner: Runner) -> tuple[str, str]:
         raise InputError(f"no certificate for {name!r} ({crt} missing)")
     res = runner.run(check_command(settings, crt), cwd=pki.root, check=False)
     out = (res.stdout + res.stderr).strip()
-    m = re.search(rf"{re.escape(crt)}: (good|revoked|unknown)", out)
-    if res.returncode != 0 or not m:
+    # openssl ocsp prints one status line per certificate asked about: "<file>: good|revoked|unknown".
+    status_re = re.compile(rf"{re.escape(crt)}: (good|revoked|unknown)")
+    statuses = [m.group(1) for line in out.splitlines() if (m := status_re.fullmatch(line.strip()))]
+    if res.returncode != 0 or len(statuses) != 1:
         return "unreachable", out.splitlines()[-1] if out else "no answer"
-    return m.group(1), out
+    return statuses[0], out
 
 
 def prime(settings: Settings, name: str, runner: Runner) -> bool:
