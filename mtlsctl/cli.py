@@ -645,8 +645,9 @@ def renew(
     if dry_run:
         _info(f"# dry run: nothing is changed. {len(report.due)} certificate(s) due; commands run in {settings.pki.root}:")
         for row in report.due:
-            _info(f"# {row.cn}: serial {row.serial} expires {row.expires:%Y-%m-%d %H:%M} UTC")
-            for cmd in lifecycle.renew_commands(row.cn or "", days or settings.profile.renew.days):
+            kind, commands = lifecycle.renew_commands(settings, row, days or settings.profile.renew.days)
+            _info(f"# {row.cn} ({kind}): serial {row.serial} expires {row.expires:%Y-%m-%d %H:%M} UTC")
+            for cmd in commands:
                 print(cmd.display())
         if report.crl_regenerated:
             _info("# and the CRL would be regenerated")
@@ -698,22 +699,26 @@ class RenewFailed(MtlsError):
 def verify(
     ctx: typer.Context,
     name: str = typer.Argument(..., help="Client name (checks certs/NAME.crt)."),
+    server: bool = typer.Option(False, "--server", help="Check NAME as a server certificate (add-server) instead."),
     as_json: bool = typer.Option(False, "--json", help="Print name, ok, verdict, message, openssl_output."),
 ) -> None:
     """Check a client certificate against the CA and the CRL, the way nginx will (exit 1 if it fails).
 
     \b
-    Runs the guide's debugging command with the CRL:
-      openssl verify -crl_check -CAfile ca/ca.crt -CRLfile crl/ca.crl certs/NAME.crt
+    The certificate must be a client certificate (extended key usage clientAuth, read from the
+    certificate itself): nginx refuses a server certificate as a client ("unsuitable certificate
+    purpose"), and so does this. Then it runs the guide's debugging command with the CRL and purpose:
+      openssl verify -purpose sslclient -crl_check -CAfile ca/ca.crt -CRLfile crl/ca.crl certs/NAME.crt
 
     \b
-    Example:
+    Examples:
       mtlsctl verify iphone-jmrp
+      mtlsctl verify --server secure.example.com
     """
     from mtlsctl import lifecycle
 
     settings = _settings(ctx)
-    result = lifecycle.verify(settings, name, _runner())
+    result = lifecycle.verify(settings, name, _runner(), purpose="server" if server else "client")
     if as_json:
         _print_json({"name": result.name, "ok": result.ok, "verdict": result.verdict, "message": result.message,
                      "openssl_output": result.openssl_output})
@@ -726,36 +731,53 @@ def verify(
 @app.command("sign-csr")
 def sign_csr(
     ctx: typer.Context,
-    csr_file: Path = typer.Argument(..., metavar="FILE", help="The CSR, made on the device (PEM)."),
+    csr_file: Path = typer.Argument(..., metavar="FILE", help="The CSR, made on the device (PEM or DER)."),
     name: str = typer.Option(..., "--name", metavar="NAME", help="Client name; the CSR's subject must be exactly CN=NAME."),
     days: int | None = typer.Option(None, "--days", metavar="N", help="Validity in days (default: profile clients.days, 365)."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Check the CSR, print the openssl command and its configuration, change nothing."),
 ) -> None:
     """Sign a CSR generated elsewhere, so the private key never leaves the device.
 
     \b
-    The CSR's self-signature is verified and its content read with openssl. It is refused, with every
-    reason named, if it asks for CA:TRUE, keyCertSign/cRLSign, nameConstraints, AIA or CRL distribution
-    points, an extended key usage other than clientAuth, an RSA key under 2048 bits or a curve other
-    than P-256/P-384, or a subject other than CN=NAME. Its SANs are validated like --san. The issued
-    certificate is checked again (CA:FALSE, clientAuth). The CSR is kept as certs/NAME.csr for renew.
+    The CSR is read once, parsed (never from openssl's text) and its self-signature verified. It is
+    refused, with every reason named, if it asks for CA:TRUE, keyCertSign/cRLSign, nameConstraints,
+    certificate policies, AIA or CRL distribution points, an extended key usage other than clientAuth,
+    an unknown critical extension, an RSA key under 2048 bits or a curve other than P-256/P-384, SANs
+    other than DNS/IP/email/URI (or wildcards), or a subject other than exactly CN=NAME.
+    Nothing is copied from the request but its checked SANs: the CA's client section sets the rest
+    (copy_extensions = none for this signing); other harmless extensions are listed as not copied.
+    The issued certificate is checked again (CA:FALSE, clientAuth, key usage, the request's key).
+    The reviewed CSR is kept as certs/NAME.csr for renew.
 
     \b
     Example (on the device, then on the CA host):
       openssl req -new -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout dev.key -subj /CN=sensor-9 -out sensor-9.csr
       mtlsctl sign-csr sensor-9.csr --name sensor-9
     """
-    from mtlsctl.csr import sign_csr as do_sign
+    from mtlsctl import csr
 
     settings = _settings(ctx)
-    result = do_sign(settings, csr_file, name, days, _runner(settings, signs=True))
+    if dry_run:
+        review, commands, config = csr.plan_sign_csr(settings, csr_file, name, days)
+        notes = [f"{csr_file}: CN={name}, {review.key.describe()}, SANs: {', '.join(review.sans) or 'none'}"]
+        if review.not_copied:
+            notes.append(f"not copied from the request: {', '.join(review.not_copied)}")
+        notes.append("private/.sign-XXXXXX/request.csr = the reviewed request; sign.cnf =")
+        notes += [f"  {line}" for line in config.splitlines()]
+        _print_dry_run(settings.pki.root, commands, notes)
+        return
+    result = csr.sign_csr(settings, csr_file, name, days, _runner(settings, signs=True))
     if as_json:
         _print_json({"name": result.name, "serial": result.serial, "not_after": result.not_after.isoformat(),
-                     "sans": result.sans, "files": {"csr": str(result.csr), "crt": str(result.crt)}})
+                     "sans": result.sans, "not_copied": result.not_copied,
+                     "files": {"csr": str(result.csr), "crt": str(result.crt)}})
         return
     print(f"Signed {result.name}: serial {result.serial}, valid until {result.not_after:%Y-%m-%d %H:%M} UTC")
     if result.sans:
         print(f"  SANs  {', '.join(result.sans)}")
+    if result.not_copied:
+        print(f"  not copied from the request: {', '.join(result.not_copied)}")
     print(f"  cert  {result.crt}  (send it to the device; its key never left it)")
 
 

@@ -15,13 +15,22 @@ from pathlib import Path
 
 from mtlsctl import db, openssl, validate
 from mtlsctl.errors import InputError, MtlsError, StateError
-from mtlsctl.files import MODE_PUBLIC, MODE_SECRET, Transaction, normalize_modes, pki_lock, produce, protect_database
+from mtlsctl.files import MODE_PUBLIC, MODE_SECRET, Transaction, atomic_write, normalize_modes, pki_lock, produce, protect_database
 from mtlsctl.pki import DB_FILES_WITH_BACKUPS, ClientFiles, Pki, Settings
 from mtlsctl.profile import KeySpec
 from mtlsctl.runner import Command, Runner
 
-
 EXTENSIONS = {"client": "v3_client", "server": "v3_server", "ocsp": "v3_ocsp"}
+
+
+def extensions_section(kind: str, key_type: str) -> str:
+    """The openssl.cnf section that signs a certificate of this kind and key type.
+
+    keyUsage depends on the key (RFC 5480): keyEncipherment only for RSA, so EC clients and servers use
+    v3_client_ec / v3_server_ec. The OCSP signer's section (digitalSignature only) fits every key.
+    """
+    base = EXTENSIONS[kind]
+    return f"{base}_ec" if key_type != "rsa" and kind in ("client", "server") else base
 
 
 def generate_password() -> str:
@@ -41,7 +50,7 @@ class IssueRequest:
 
     @property
     def extensions(self) -> str:
-        return EXTENSIONS[self.kind]
+        return extensions_section(self.kind, self.key.type)
 
 
 @dataclass(frozen=True)
@@ -77,7 +86,7 @@ def build_request(settings: Settings, name: str, *, days: int | None = None, key
     if password is not None:
         validate.password(password, source="the password option")
     return IssueRequest(
-        name=validate.client_name(name),
+        name=validate.client_name(name, role=kind),
         days=validate.days(days if days is not None else clients.days),
         key=key,
         p12=p12 or clients.p12,
@@ -106,15 +115,14 @@ def issue_commands(req: IssueRequest, certfile: str = Pki.ca_cert) -> list[Comma
 def plan_issue(settings: Settings, req: IssueRequest) -> list[Command]:
     """What --dry-run shows: the same checks as a real run (CA present, no conflict), then the commands."""
     settings.pki.require_ca()
-    if req.kind != "client":
-        require_section(settings.pki, req.extensions)
+    require_section(settings.pki, req.extensions)
     refuse_conflicts(settings.pki, req.name)
     return issue_commands(req, settings.pki.ca_bundle)
 
 
 def require_section(pki: Pki, section: str) -> None:
     """A PKI whose openssl.cnf predates a feature (or was written by hand) lacks its extension section."""
-    if f"[ {section} ]" not in pki.path(pki.openssl_cnf).read_text(errors="replace"):
+    if section not in openssl.cnf_sections(pki.path(pki.openssl_cnf).read_text(errors="replace")):
         raise InputError(
             f"{pki.path(pki.openssl_cnf)} has no [ {section} ] section",
             hint=f"add the [ {section} ] section from mtlsctl's openssl.cnf.template and run again",
@@ -123,9 +131,16 @@ def require_section(pki: Pki, section: str) -> None:
 
 def refuse_conflicts(pki: Pki, name: str) -> None:
     rows = db.read_index(pki.path(pki.index))
-    active = [r for r in rows if r.cn == name and r.is_active()]
+    # nginx compares allowlist map keys without case: `Admin` must not be issued beside an active `admin`.
+    active = [r for r in rows if (r.cn or "").lower() == name.lower() and r.is_active()]
     if active:
         serials = ", ".join(r.serial for r in active)
+        holder = active[-1].cn
+        if holder != name:
+            raise InputError(
+                f"{name!r} differs only in case from {holder!r}, which has an active certificate (serial {serials})",
+                hint="names are unique regardless of case (nginx allowlists compare them without case); pick another name",
+            )
         raise InputError(
             f"{name!r} already has an active certificate (serial {serials})",
             hint=f"revoke it first, or renew it; to make a new bundle use `mtlsctl export {name}`",
@@ -163,6 +178,21 @@ def sign_into_database(pki: Pki, cmd: Command, name: str, crt: str, runner: Runn
     return rows[0]
 
 
+def write_fullchain(pki: Pki, name: str, tx: Transaction) -> str:
+    """certs/NAME.fullchain.pem: the server certificate, then (two-tier) the issuing CA's.
+
+    A client that trusts only the root can build the chain only if the server sends the issuing CA too
+    (FIELD-NOTES: curl exit 60, Python and Java fail otherwise); nginx's ssl_certificate serves this file.
+    """
+    files = ClientFiles(name)
+    parts = [db.pem_block(pki.path(files.crt).read_text())]
+    if pki.has_chain():
+        parts.append(db.pem_block(pki.path(pki.ca_cert).read_text()))
+    tx.snapshot(pki.path(files.fullchain))
+    atomic_write(pki.path(files.fullchain), "".join(p if p.endswith("\n") else p + "\n" for p in parts), MODE_PUBLIC)
+    return files.fullchain
+
+
 def write_p12(pki: Pki, name: str, out: str, password: str, profile: str, runner: Runner, tx: Transaction) -> None:
     """Export the bundle (mode 600), then read it back with the password."""
     files = ClientFiles(name)
@@ -182,8 +212,7 @@ def issue_client(settings: Settings, req: IssueRequest, runner: Runner) -> Issue
     pki = settings.pki
     pki.require_ca()
     refuse_conflicts(pki, req.name)
-    if req.kind != "client":
-        require_section(pki, req.extensions)
+    require_section(pki, req.extensions)
     password = req.password if req.password is not None else generate_password()
     files = ClientFiles(req.name)
     keygen, csr, sign = issue_commands(req)[:3]
@@ -192,6 +221,8 @@ def issue_client(settings: Settings, req: IssueRequest, runner: Runner) -> Issue
         produce(tx, pki.path(files.key), MODE_SECRET, lambda: runner.run(keygen, cwd=pki.root))
         produce(tx, pki.path(files.csr), MODE_PUBLIC, lambda: runner.run(csr, cwd=pki.root))
         row = sign_into_database(pki, sign, req.name, files.crt, runner, tx)
+        if req.kind == "server":
+            write_fullchain(pki, req.name, tx)
         tx.checkpoint()  # issued: the key, CSR, certificate and database change stay
         if req.kind != "client":
             return IssueResult(
@@ -245,7 +276,7 @@ def export_client(settings: Settings, name: str, *, p12: str | None, password: s
                   out: Path | None, force: bool, runner: Runner) -> ExportResult:
     """Write a fresh PKCS#12 bundle for an issued, active client (atomically; old bundle kept unless --force)."""
     pki = settings.pki
-    validate.client_name(name)
+    validate.client_name(name, role="client")
     profile = p12 or settings.profile.clients.p12
     if profile not in openssl.P12_FLAGS:
         raise InputError(f"--p12 {profile!r} is not a PKCS#12 profile", hint="use compat, modern or legacy")
@@ -293,8 +324,8 @@ def read_names(text: str) -> list[str]:
             validate.client_name(line)
         except InputError as exc:
             raise InputError(f"line {lineno}: {exc.message}", hint=exc.hint) from None
-        if line in names:
-            raise InputError(f"line {lineno}: {line!r} is listed twice")
+        if line.lower() in (n.lower() for n in names):
+            raise InputError(f"line {lineno}: {line!r} is listed twice (names are unique regardless of case)")
         names.append(line)
     if not names:
         raise InputError("the names file lists no names", hint="one client name per line")
@@ -319,6 +350,8 @@ def issue_batch(settings: Settings, names: list[str], runner: Runner, *, days: i
     reqs = [build_request(settings, name, days=days, key_type=key_type, p12=p12) for name in names]
     for req in reqs:
         refuse_conflicts(pki, req.name)
+    if reqs:
+        require_section(pki, reqs[0].extensions)
     workers = workers or os.cpu_count() or 1
     result = BatchResult()
     with pki_lock(pki.lock_path), Transaction(pki.root) as tx:
@@ -341,7 +374,7 @@ def issue_batch(settings: Settings, names: list[str], runner: Runner, *, days: i
         rows: dict[str, db.IndexRow] = {}
         for req in reqs:
             files = ClientFiles(req.name)
-            sign = openssl.ca_sign(files.csr, files.crt, req.days)
+            sign = openssl.ca_sign(files.csr, files.crt, req.days, extensions=req.extensions)
             row = sign_into_database(pki, sign, req.name, files.crt, runner, tx)
             rows[req.name] = row
             tx.keep([pki.path(files.key), pki.path(files.csr), pki.path(files.crt), pki.path(f"newcerts/{row.serial}.pem")])

@@ -1,119 +1,275 @@
-"""`mtlsctl sign-csr`: sign a CSR made on the device, so the private key never leaves it.
+"""Signing requests mtlsctl did not make a moment ago: `sign-csr` (the key never leaves the device) and
+every renewal (certs/NAME.csr re-signed, wherever it came from).
 
-A CSR is hostile input. `copy_extensions = copy` copies every extension the signing section does not
-set (FIELD-NOTES: a CSR asking for CA:TRUE got a working sub-CA from a section that did not pin
-basicConstraints), so the CSR is verified and read with openssl first and refused, naming each
-reason, if it asks for anything a client certificate must not have. The issued certificate is
-checked again afterwards.
+A CSR is hostile input. With the guide's `copy_extensions = copy`, every extension the signing
+section does not set is copied from the request (FIELD-NOTES), and a parser of `openssl req -text`
+can be blinded by an attribute that contains openssl's own headers. So a request is:
+
+1. read ONCE into memory (size-limited, a regular file, no symlink followed);
+2. parsed structurally (mtlsctl.x509read: OIDs, extension objects, key type and size) and its
+   self-signature verified;
+3. refused, naming every reason, if it asks for anything a certificate of its kind must not have;
+4. signed exactly as inspected: the in-memory copy is written to a private temporary directory in
+   the PKI and signed with a per-run configuration that includes openssl.cnf, sets
+   `copy_extensions = none`, and adds the kind's pinned section plus only the SANs checked here;
+5. checked again after signing, structurally: CA:FALSE, the kind's one EKU, keyUsage for its key
+   type, no extension outside the allowed set, subject exactly CN=NAME, the request's public key.
 """
 
 from __future__ import annotations
 
-import re
+import os
+import shutil
+import stat
+import tempfile
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
-from mtlsctl import openssl, validate
-from mtlsctl.client import refuse_conflicts, sign_into_database
+from mtlsctl import db, openssl, validate, x509read
+from mtlsctl.client import extensions_section, refuse_conflicts, require_section, sign_into_database
 from mtlsctl.errors import InputError, StateError
 from mtlsctl.files import MODE_PUBLIC, Transaction, atomic_write, pki_lock
-from mtlsctl.pki import ClientFiles, Settings
+from mtlsctl.pki import ClientFiles, Pki, Settings
 from mtlsctl.runner import Command, Runner
 
-ALLOWED_CURVES = {"P-256", "P-384"}
-# Extensions a client CSR may carry; anything else is refused (v3_client pins KU, EKU and BC anyway).
-_ALLOWED_EXTENSIONS = {"X509v3 Subject Alternative Name", "X509v3 Extended Key Usage", "X509v3 Key Usage",
-                       "X509v3 Basic Constraints", "X509v3 Subject Key Identifier"}
-_SAN_TYPES = {"DNS": "DNS", "IP Address": "IP", "email": "email", "URI": "URI"}
+CSR_MAX_BYTES = 64 * 1024
+SIGN_SECTION = "mtlsctl_sign"
+
+KIND_EKU = {"client": x509read.EKU_CLIENT_AUTH, "server": x509read.EKU_SERVER_AUTH, "ocsp": x509read.EKU_OCSP_SIGNING}
+KIND_EKU_NAME = {"client": "clientAuth", "server": "serverAuth", "ocsp": "OCSPSigning"}
+
+# Requested extensions that are refused outright, with the reason named.
+_REFUSED = {
+    "2.5.29.30": "nameConstraints",
+    "2.5.29.32": "certificatePolicies",
+    "2.5.29.33": "policyMappings",
+    "2.5.29.36": "policyConstraints",
+    "2.5.29.54": "inhibitAnyPolicy",
+    "1.3.6.1.5.5.7.1.1": "authorityInfoAccess",
+    "1.3.6.1.5.5.7.1.11": "subjectInfoAccess",
+    "2.5.29.31": "CRL distribution points",
+    "2.5.29.46": "freshestCRL",
+    "2.5.29.18": "issuerAltName",
+    "1.3.6.1.5.5.7.48.1.5": "ocspNoCheck",
+}
+_SAN = "2.5.29.17"
+# What an issued leaf may carry (AIA only as the profile's OCSP URL, from the section itself).
+_ISSUED_ALLOWED = {"2.5.29.14", "2.5.29.35", "2.5.29.19", "2.5.29.15", "2.5.29.37", _SAN, "1.3.6.1.5.5.7.1.1"}
 
 
-@dataclass
-class CsrInfo:
-    subject: str
-    key: str  # "RSA 2048-bit", "EC P-256", ...
-    extensions: dict[str, str] = field(default_factory=dict)
-    sans: list[str] = field(default_factory=list)
+@dataclass(frozen=True)
+class RequestReview:
+    """A request read once and checked: what will be signed, and what was left out."""
+
+    pem: bytes = field(repr=False)  # exactly the bytes that were inspected (PEM)
+    name: str
+    kind: str
+    key: x509read.KeyInfo
+    public_key_der: bytes = field(repr=False)
+    sans: list[str]  # validated TYPE:VALUE, the only thing taken from the request
+    not_copied: list[str]  # harmless requested extensions that are not carried over
 
 
-def verify_command(path: str) -> Command:
-    return Command(("openssl", "req", "-in", path, "-noout", "-verify"), label=f"verifying the signature of {path}")
+def read_request_file(path: Path) -> bytes:
+    """The request's bytes, read once: a regular file (no symlink followed), at most 64 KiB."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_NONBLOCK", 0))
+    except FileNotFoundError:
+        raise InputError(f"CSR {path} does not exist") from None
+    except OSError as exc:
+        raise InputError(f"CSR {path} cannot be opened ({exc.strerror})",
+                         hint="give the path of a regular file, not a symlink") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise InputError(f"CSR {path} is not a regular file")
+        data = os.read(fd, CSR_MAX_BYTES + 1)
+        chunk = data
+        while chunk and len(data) <= CSR_MAX_BYTES:
+            chunk = os.read(fd, CSR_MAX_BYTES + 1 - len(data))
+            data += chunk
+    finally:
+        os.close(fd)
+    if len(data) > CSR_MAX_BYTES:
+        raise InputError(f"CSR {path} is larger than 64 KiB; that is not a CSR")
+    return data
 
 
-def text_command(path: str) -> Command:
-    return Command(("openssl", "req", "-in", path, "-noout", "-text", "-nameopt", "RFC2253"))
+def _check_san(kind: str, value: str | None, problems: list[str], out: list[str]) -> None:
+    if value is None or kind not in validate.SAN_TYPES:
+        problems.append(f"its subjectAltName has a {kind} entry, a type mtlsctl does not accept (only DNS, IP, email, URI)")
+        return
+    if kind == "DNS" and "*" in value:
+        problems.append(f"its subjectAltName asks for the wildcard DNS:{value}; wildcards are not issued")
+        return
+    try:
+        checked = validate.san(f"{kind}:{value}")
+    except InputError as exc:
+        problems.append(f"its subjectAltName is refused: {exc.message}")
+        return
+    if checked not in out:
+        out.append(checked)
 
 
-def parse_csr_text(text: str) -> CsrInfo:
-    subject = re.search(r"^\s+Subject: ?(.*)$", text, re.M)
-    info = CsrInfo(subject=subject.group(1).strip() if subject else "", key="unknown key")
-    bits = re.search(r"Public-Key: \((\d+) bit\)", text)
-    if "rsaEncryption" in text and bits:
-        info.key = f"RSA {bits.group(1)}-bit"
-    else:
-        curve = re.search(r"NIST CURVE: (\S+)", text)
-        algo = re.search(r"Public Key Algorithm: (\S+)", text)
-        info.key = f"EC {curve.group(1)}" if curve else (algo.group(1) if algo else "unknown key")
-    if "Requested Extensions:" in text:
-        section = text.split("Requested Extensions:", 1)[1].split("Signature Algorithm:", 1)[0]
-        current = None
-        base_indent = 0
-        for line in section.splitlines():
-            if not line.strip():
-                continue
-            indent = len(line) - len(line.lstrip())
-            header = re.match(r"^\s+(\S.*?):\s*(critical)?\s*$", line)
-            if header and (current is None or indent <= base_indent):
-                current = header.group(1)
-                base_indent = indent
-                info.extensions[current] = ""
-            elif current is not None:
-                info.extensions[current] = (info.extensions[current] + " " + line.strip()).strip()
-    san = info.extensions.get("X509v3 Subject Alternative Name", "")
-    info.sans = [part.strip() for part in san.split(", ") if part.strip()]
-    return info
+def review_request(data: bytes, name: str, kind: str = "client", source: str = "CSR") -> RequestReview:
+    """Parse, verify and inspect a request; raise InputError (exit 2) naming every reason to refuse it."""
+    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+    csr = x509read.load_csr(data, source)
+    try:
+        signature_ok = csr.is_signature_valid
+    except Exception:  # an unsupported signature algorithm is as good as a broken one
+        signature_ok = False
+    if not signature_ok:
+        raise InputError(f"{source} is refused: its self-signature does not verify (the request was altered or is damaged)",
+                         hint="generate the CSR again on the device (openssl req -new -key ... -subj /CN=NAME)")
+    problems: list[str] = []
+    if not x509read.is_exactly_cn(csr.subject, name):
+        problems.append(f"its subject is {x509read.describe_name(csr.subject)!r}, not CN={name} (exactly that, nothing more)")
+    try:
+        key = x509read.key_info(csr.public_key())
+        public_key_der = csr.public_key().public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
+    except Exception:  # noqa: BLE001 - an unparseable key is a reason like any other
+        key, public_key_der = x509read.KeyInfo("unknown"), b""
+    weak = x509read.key_problem(key)
+    if weak:
+        problems.append(weak)
+    sans: list[str] = []
+    not_copied: list[str] = []
+    for ext in x509read.extensions(csr, source):
+        if ext.oid == "2.5.29.19":
+            if ext.value.ca:
+                problems.append("it asks for basicConstraints CA:TRUE (a sub-CA)")
+        elif ext.oid == "2.5.29.15":
+            asked = x509read.key_usages([ext]) or set()
+            if asked & {"keyCertSign", "cRLSign"}:
+                problems.append("it asks for keyUsage " + "/".join(sorted(asked & {"keyCertSign", "cRLSign"})))
+        elif ext.oid == "2.5.29.37":
+            ekus = [oid.dotted_string for oid in ext.value]
+            if ekus != [KIND_EKU[kind]]:
+                problems.append(f"it asks for extended key usage {', '.join(ekus) or '(none)'}; "
+                                f"only {KIND_EKU_NAME[kind]} ({KIND_EKU[kind]}) is allowed")
+        elif ext.oid == _SAN:
+            for entry in ext.value:
+                san_kind, value = x509read.general_name(entry)
+                _check_san(san_kind, value, problems, sans)
+        elif ext.oid in _REFUSED:
+            problems.append(f"it carries {_REFUSED[ext.oid]}")
+        elif ext.oid in ("2.5.29.14", "2.5.29.35"):
+            not_copied.append(ext.name)  # the CA sets its own key identifiers
+        elif ext.critical:
+            problems.append(f"it carries the critical extension {ext.name}, which mtlsctl does not know")
+        else:
+            not_copied.append(ext.name)
+    if problems:
+        raise InputError(f"{source} refused: {'; '.join(problems)}",
+                         hint=f"the device must request exactly CN={name}, a {KIND_EKU_NAME[kind]} key of RSA ≥ 2048 "
+                              "or EC P-256/P-384, and at most DNS/IP/email/URI SANs")
+    from cryptography.hazmat.primitives.serialization import Encoding as Enc
+
+    return RequestReview(pem=csr.public_bytes(Enc.PEM), name=name, kind=kind, key=key, public_key_der=public_key_der,
+                         sans=sans, not_copied=not_copied)
 
 
-def problems(info: CsrInfo, name: str) -> tuple[list[str], list[str]]:
-    """Every reason to refuse the CSR, and its SANs in mtlsctl's TYPE:VALUE form."""
-    found = []
-    if info.subject != f"CN={name}":
-        found.append(f"its subject is {info.subject or '(empty)'!r}, not CN={name}")
-    if info.key.startswith("RSA "):
-        if int(info.key.split()[1].split("-")[0]) < 2048:
-            found.append(f"its key is {info.key}; at least RSA 2048-bit is required")
-    elif info.key.startswith("EC "):
-        if info.key[3:] not in ALLOWED_CURVES:
-            found.append(f"its key is {info.key}; use P-256 or P-384")
-    else:
-        found.append(f"its key type {info.key} is not supported; use RSA ≥ 2048 or EC P-256/P-384")
-    ext = info.extensions
-    if "CA:TRUE" in ext.get("X509v3 Basic Constraints", ""):
-        found.append("it asks for basicConstraints CA:TRUE (a sub-CA)")
-    ku = ext.get("X509v3 Key Usage", "")
-    if "Certificate Sign" in ku or "CRL Sign" in ku:
-        found.append("it asks for keyUsage keyCertSign/cRLSign")
-    eku = ext.get("X509v3 Extended Key Usage", "")
-    if eku and [u.strip() for u in eku.split(",")] != ["TLS Web Client Authentication"]:
-        found.append(f"it asks for extended key usage {eku!r}; only clientAuth is allowed")
-    for bad, why in (("X509v3 Name Constraints", "nameConstraints"), ("Authority Information Access", "authorityInfoAccess"),
-                     ("X509v3 CRL Distribution Points", "CRL distribution points")):
-        if bad in ext:
-            found.append(f"it carries {why}")
-    for other in sorted(set(ext) - _ALLOWED_EXTENSIONS - {"X509v3 Name Constraints", "Authority Information Access",
-                                                           "X509v3 CRL Distribution Points"}):
-        found.append(f"it carries an extension mtlsctl does not accept: {other}")
-    sans = []
-    for entry in info.sans:
-        kind, _, value = entry.partition(":")
-        if kind not in _SAN_TYPES:
-            found.append(f"its SAN {entry!r} is of a type mtlsctl does not accept")
-            continue
-        try:
-            sans.append(validate.san(f"{_SAN_TYPES[kind]}:{value}"))
-        except InputError as exc:
-            found.append(f"its SAN is refused: {exc.message}")
-    return found, sans
+# --------------------------------------------------------------------------- signing exactly what was reviewed
+
+
+def signing_config(pki: Pki, section: str, sans: list[str]) -> str:
+    """The per-run configuration: openssl.cnf, with `copy_extensions = none` and the section plus SANs.
+
+    The pinned lines are read from the PKI's own openssl.cnf section (so an admin's OCSP AIA, say, is
+    kept); that section must pin basicConstraints, keyUsage and extendedKeyUsage.
+    """
+    cnf_path = pki.path(pki.openssl_cnf)
+    sections = openssl.cnf_sections(cnf_path.read_text(errors="replace"))
+    default_ca = dict(sections.get("ca", [])).get("default_ca", "CA_default")
+    lines = [(k, v) for k, v in sections.get(section, []) if k != "subjectAltName"]
+    keys = {k for k, _ in lines}
+    missing = {"basicConstraints", "keyUsage", "extendedKeyUsage"} - keys
+    if missing:
+        raise StateError(f"[ {section} ] in openssl.cnf does not pin {', '.join(sorted(missing))}",
+                         hint=f"copy the [ {section} ] section from mtlsctl's openssl.cnf.template")
+    body = [
+        "# written by mtlsctl for one signing, then removed: the PKI's openssl.cnf, but nothing copied",
+        "# from the request; only the subjectAltName entries mtlsctl checked.",
+        f".include {cnf_path}",
+        f"[ {default_ca} ]",
+        "copy_extensions = none",
+        f"[ {SIGN_SECTION} ]",
+        *(f"{k} = {v}" for k, v in lines),
+    ]
+    if sans:
+        body.append("subjectAltName = " + ",".join(sans))
+    return "\n".join(body) + "\n"
+
+
+def sign_command(workdir: str, crt: str, days: int) -> Command:
+    return Command(
+        ("openssl", "ca", "-config", f"{workdir}/sign.cnf", "-extensions", SIGN_SECTION, "-days", str(days), "-batch",
+         "-in", f"{workdir}/request.csr", "-out", crt),
+        label=f"signing {crt} with the CA ({days} days; nothing copied from the request)", uses_ca_key=True)
+
+
+def check_issued(path: Path, review: RequestReview, *, ocsp_aia: bool) -> None:
+    """Re-read the issued certificate structurally; a StateError withdraws it (the transaction rolls back)."""
+    cert = x509read.read_certificate(path)
+    exts = x509read.extensions(cert, str(path))
+    found: list[str] = []
+    bc = x509read.basic_constraints(exts)
+    if bc is None or bc[0] or not bc[1]:
+        found.append("basicConstraints is not critical CA:FALSE")
+    if (x509read.eku_oids(exts) or []) != [KIND_EKU[review.kind]]:
+        found.append(f"the extended key usage is not exactly {KIND_EKU_NAME[review.kind]}")
+    usage = x509read.key_usages(exts) or set()
+    # digitalSignature always; keyEncipherment only for RSA (RFC 5480); nonRepudiation is tolerated (the guide's
+    # v3_client sets it); nothing that signs certificates or CRLs.
+    allowed_usage = {"digitalSignature", "nonRepudiation"} | ({"keyEncipherment"} if review.key.type == "rsa" else set())
+    if "digitalSignature" not in usage or usage - allowed_usage:
+        found.append(f"keyUsage is {', '.join(sorted(usage)) or '(none)'}; allowed: {', '.join(sorted(allowed_usage))}")
+    allowed = _ISSUED_ALLOWED if ocsp_aia else _ISSUED_ALLOWED - {"1.3.6.1.5.5.7.1.1"}
+    extra = [x509read.ext_name(e.oid) for e in exts if e.oid not in allowed]
+    if extra:
+        found.append("it carries " + ", ".join(extra))
+    if not x509read.is_exactly_cn(cert.subject, review.name):
+        found.append(f"its subject is {x509read.describe_name(cert.subject)!r}")
+    issued_sans = [f"{k}:{v}" for k, v in x509read.sans(exts)]
+    if [validate.san(s) for s in issued_sans] != review.sans:
+        found.append(f"its subjectAltName is {issued_sans}, not {review.sans}")
+    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+    if cert.public_key().public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo) != review.public_key_der:
+        found.append("its public key is not the request's")
+    if found:
+        raise StateError(f"the issued certificate is not what was reviewed ({'; '.join(found)}); it was withdrawn",
+                         hint="check the extension sections of openssl.cnf against mtlsctl's openssl.cnf.template")
+
+
+def sign_reviewed(settings: Settings, review: RequestReview, crt: str, days: int, runner: Runner,
+                  tx: Transaction) -> db.IndexRow:
+    """Sign exactly the reviewed bytes into the database (call with the PKI lock held, inside `tx`)."""
+    pki = settings.pki
+    section = extensions_section(review.kind, review.key.type)
+    require_section(pki, section)
+    config = signing_config(pki, section, review.sans)
+    workdir = Path(tempfile.mkdtemp(prefix=".sign-", dir=pki.path("private")))  # 0700, unpredictable name
+    tx.created(workdir)
+    tx.may_create(workdir / "request.csr", workdir / "sign.cnf")  # a kill leaves nothing: rollback removes all three
+    try:
+        for name, content in (("request.csr", review.pem), ("sign.cnf", config.encode())):
+            fd = os.open(workdir / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(content)
+        rel = os.path.relpath(workdir, pki.root)
+        row = sign_into_database(pki, sign_command(rel, crt, days), review.name, crt, runner, tx)
+        aia = any(k == "authorityInfoAccess" for k, _ in openssl.cnf_sections(config).get(SIGN_SECTION, []))
+        check_issued(pki.path(crt), review, ocsp_aia=aia)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    return row
+
+
+# --------------------------------------------------------------------------- sign-csr
 
 
 @dataclass(frozen=True)
@@ -124,46 +280,48 @@ class SignResult:
     sans: list[str]
     csr: Path
     crt: Path
+    not_copied: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, object]:
+        return {"name": self.name, "serial": self.serial, "not_after": self.not_after.isoformat(), "sans": self.sans,
+                "csr": str(self.csr), "crt": str(self.crt), "not_copied": self.not_copied}
 
 
-def inspect(settings: Settings, csr_path: Path, name: str, runner: Runner) -> CsrInfo:
-    """Verify the CSR's self-signature and refuse it (exit 2) for every reason it has."""
-    validate.client_name(name)
-    if not csr_path.is_file():
-        raise InputError(f"CSR {csr_path} does not exist")
-    if csr_path.stat().st_size > 64 * 1024:
-        raise InputError(f"CSR {csr_path} is larger than 64 KiB; that is not a CSR")
-    path = str(csr_path.absolute())
-    result = runner.run(verify_command(path), check=False)
-    said = result.stdout + result.stderr
-    # FIELD-NOTES: openssl 3.0 exits 0 even when the self-signature is broken; read its words.
-    if result.returncode != 0 or "verify OK" not in said or "verify failure" in said:
-        raise InputError(f"CSR {csr_path} is unreadable or its self-signature does not verify",
-                         hint="generate the CSR again on the device (openssl req -new -key ... -subj /CN=NAME)")
-    info = parse_csr_text(runner.run(text_command(path)).stdout)
-    found, info.sans = problems(info, name)
-    if found:
-        raise InputError(f"CSR refused: {'; '.join(found)}", hint=f"the device must request CN={name}, a clientAuth key of RSA ≥ 2048 or EC P-256/P-384, and nothing more")
-    return info
+def inspect(settings: Settings, csr_path: Path, name: str) -> RequestReview:
+    """Read the CSR once and review it as a client request (raises InputError, writes nothing)."""
+    validate.client_name(name, role="client")
+    return review_request(read_request_file(csr_path), name, "client", source="CSR")
 
 
-def sign_csr(settings: Settings, csr_path: Path, name: str, days: int | None, runner: Runner) -> SignResult:
+def plan_sign_csr(settings: Settings, csr_path: Path, name: str, days: int | None) -> tuple[RequestReview, list[Command], str]:
+    """What `sign-csr --dry-run` shows: the same checks, the command and the per-run configuration."""
     pki = settings.pki
     pki.require_ca()
     days = validate.days(days if days is not None else settings.profile.clients.days)
-    info = inspect(settings, csr_path, name, runner)
+    review = inspect(settings, csr_path, name)
+    refuse_conflicts(pki, name)
+    section = extensions_section("client", review.key.type)
+    require_section(pki, section)
+    return review, [sign_command("private/.sign-XXXXXX", ClientFiles(name).crt, days)], signing_config(pki, section, review.sans)
+
+
+def sign_csr(settings: Settings, csr_path: Path, name: str, days: int | None, runner: Runner) -> SignResult:
+    """Sign a device's CSR as client NAME: read once, inspected, signed as inspected, re-checked.
+
+    Raises:
+        InputError: the CSR is unreadable, altered, or asks for something refused (every reason named).
+        StateError/OpenSSLError: signing failed or produced something else; nothing is left behind.
+    """
+    pki = settings.pki
+    pki.require_ca()
+    days = validate.days(days if days is not None else settings.profile.clients.days)
+    review = inspect(settings, csr_path, name)
+    require_section(pki, extensions_section("client", review.key.type))
     files = ClientFiles(name)
     refuse_conflicts(pki, name)
-    content = csr_path.read_bytes()
     with pki_lock(pki.lock_path), Transaction(pki.root) as tx:
         refuse_conflicts(pki, name)
         tx.created(pki.path(files.csr))
-        atomic_write(pki.path(files.csr), content, MODE_PUBLIC)
-        row = sign_into_database(pki, openssl.ca_sign(files.csr, files.crt, days), name, files.crt, runner, tx)
-        issued = runner.run(Command(("openssl", "x509", "-in", files.crt, "-noout", "-text")), cwd=pki.root).stdout
-        if not re.search(r"Basic Constraints: critical\s+CA:FALSE", issued) or "TLS Web Client Authentication" not in issued \
-                or "Certificate Sign" in issued:
-            raise StateError("the issued certificate is not a plain client certificate (CA:FALSE, clientAuth); it was withdrawn",
-                             hint="check the [ v3_client ] section of openssl.cnf")
-    return SignResult(name, row.serial, row.expires, info.sans, pki.path(files.csr), pki.path(files.crt))
-
+        atomic_write(pki.path(files.csr), review.pem, MODE_PUBLIC)  # what renew re-signs: the reviewed request
+        row = sign_reviewed(settings, review, files.crt, days, runner, tx)
+    return SignResult(name, row.serial, row.expires, review.sans, pki.path(files.csr), pki.path(files.crt), review.not_copied)

@@ -12,9 +12,10 @@ import shutil
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 
-from mtlsctl import db, openssl, validate
-from mtlsctl.client import EXTENSIONS, generate_password, sign_into_database
+from mtlsctl import db, validate
+from mtlsctl.client import generate_password, write_fullchain
 from mtlsctl.crl import CrlInfo, generate_crl, is_due, read_crl_info, read_crl_info_or_none
+from mtlsctl.csr import read_request_file, review_request, sign_reviewed
 from mtlsctl.errors import InputError, MtlsError, StateError
 from mtlsctl.files import MODE_PUBLIC, MODE_SECRET, Transaction, atomic_write, normalize_modes, pki_lock, protect_database
 from mtlsctl.pki import DB_FILES_WITH_BACKUPS, ClientFiles, Pki, Settings
@@ -58,16 +59,19 @@ def cert_file(pki: Pki, row: db.IndexRow) -> str:
     raise StateError(f"no file holds the certificate with serial {row.serial}", hint=f"{newcert} is missing")
 
 
-def cert_kind(pki: Pki, row: db.IndexRow, runner: Runner) -> str:
-    """client, server or ocsp: which section issued this row. `openssl ca -out` writes a text dump above
-    the PEM, so newcerts/SERIAL.pem says so without running openssl; a file without the dump is asked."""
-    path = pki.path(f"newcerts/{row.serial}.pem")
-    text = path.read_text(errors="replace") if path.exists() else ""
-    if "X509v3 extensions:" not in text:
-        text = runner.run(Command(("openssl", "x509", "-in", cert_file(pki, row), "-noout", "-text")), cwd=pki.root).stdout
-    if "OCSP Signing" in text:
-        return "ocsp"
-    return "server" if "TLS Web Server Authentication" in text else "client"
+def cert_kind(pki: Pki, row: db.IndexRow) -> str:
+    """client, server or ocsp: read from the certificate's EKU OIDs (mtlsctl.x509read), never from text.
+
+    Raises StateError for anything else (a CA, several or no EKUs): such a certificate is not renewed
+    as something it may not be.
+    """
+    from mtlsctl.x509read import kind_of, read_certificate
+
+    kind = kind_of(read_certificate(pki.path(cert_file(pki, row))))
+    if kind not in ("client", "server", "ocsp"):
+        raise StateError(f"serial {row.serial} is not a client, server or OCSP signer certificate (its EKU says {kind}); "
+                         "it is not renewed", hint=f"issue a new certificate for {row.cn} instead")
+    return kind
 
 
 def revoke_command(cert: str, why: str) -> Command:
@@ -192,11 +196,10 @@ def list_certs(settings: Settings, *, status: str | None = None, expiring_within
     return out
 
 
-def ca_not_after(pki: Pki, runner: Runner) -> datetime:
-    from mtlsctl.crl import parse_openssl_date
+def ca_not_after(pki: Pki, runner: Runner | None = None) -> datetime:
+    from mtlsctl.x509read import not_after
 
-    out = runner.run(Command(("openssl", "x509", "-in", pki.ca_cert, "-noout", "-enddate")), cwd=pki.root).stdout
-    return parse_openssl_date(out.strip().split("=", 1)[1])
+    return not_after(pki.path(pki.ca_cert))
 
 
 # ------------------------------------------------------------------ renew
@@ -260,9 +263,15 @@ def _archive_name(pki: Pki, crt: str, now: datetime) -> str:
     return candidate
 
 
-def renew_commands(name: str, days: int, extensions: str = "v3_client") -> list[Command]:
-    files = ClientFiles(name)
-    return [openssl.ca_sign(files.csr, files.crt, days, extensions=extensions)]
+def renew_commands(settings: Settings, row: db.IndexRow, days: int) -> tuple[str, list[Command]]:
+    """What renewing a row runs (--dry-run): its kind, and certs/NAME.csr reviewed and signed with
+    nothing copied from it (the kind's section and its checked SANs), with the kind's validity."""
+    from mtlsctl.csr import sign_command
+
+    kind = cert_kind(settings.pki, row)
+    if kind == "ocsp" and settings.profile.ocsp is not None:
+        days = settings.profile.ocsp.signer_days
+    return kind, [sign_command("private/.sign-XXXXXX", ClientFiles(row.cn or "").crt, days)]
 
 
 def _allow_overlap(pki: Pki, tx: Transaction) -> None:
@@ -284,7 +293,11 @@ def _renew_one(settings: Settings, row: db.IndexRow, days: int, now: datetime, r
     if not pki.path(files.csr).exists():
         raise StateError(f"CSR not found at {files.csr}; cannot renew automatically",
                          hint=f"issue a new certificate: mtlsctl revoke {name} && mtlsctl add-client {name}")
-    kind = cert_kind(pki, row, runner)
+    kind = cert_kind(pki, row)
+    if kind == "ocsp" and settings.profile.ocsp is not None:
+        days = settings.profile.ocsp.signer_days  # the OCSP signer keeps its short validity
+    # The stored request is read once and reviewed like sign-csr's (it may have come from a device).
+    review = review_request(read_request_file(pki.path(files.csr)), name, kind, source=files.csr)
     with Transaction(pki.root) as tx:
         _allow_overlap(pki, tx)
         archived = _archive_name(pki, files.crt, now)
@@ -292,10 +305,9 @@ def _renew_one(settings: Settings, row: db.IndexRow, days: int, now: datetime, r
         tx.created(pki.path(archived))
         shutil.copy2(pki.path(source), pki.path(archived))
         tx.snapshot(pki.path(files.crt))
-        if kind == "ocsp" and settings.profile.ocsp is not None:
-            days = settings.profile.ocsp.signer_days  # the OCSP signer keeps its short validity
-        sign = openssl.ca_sign(files.csr, files.crt, days, extensions=EXTENSIONS[kind])
-        new_row = sign_into_database(pki, sign, name, files.crt, runner, tx)
+        new_row = sign_reviewed(settings, review, files.crt, days, runner, tx)
+        if kind == "server":
+            write_fullchain(pki, name, tx)
         tx.checkpoint()  # the new certificate is issued: keep it whatever happens next
     result = Renewed(name, row.serial, new_row.serial, new_row.expires, archived)
     problems = []
@@ -307,7 +319,7 @@ def _renew_one(settings: Settings, row: db.IndexRow, days: int, now: datetime, r
         except MtlsError as exc:
             problems.append(f"the old certificate {row.serial} was not revoked: {exc.message}")
     if kind == "server":
-        result.warning = "server certificate: reload nginx to serve the new one"
+        result.warning = f"server certificate: reload nginx to serve the new one ({ClientFiles(name).fullchain})"
     elif kind == "ocsp":
         result.warning = "OCSP signer: restart `mtlsctl ocsp serve` to use the new one"
     elif pki.path(files.key).exists():
@@ -423,19 +435,35 @@ _VERDICTS = {
     "20": ("untrusted", "the certificate was not issued by this CA"),
     "2": ("untrusted", "the certificate was not issued by this CA"),
     "3": ("no_crl", "no CRL for the CA: run `mtlsctl crl`"),
+    "26": ("wrong_purpose", "openssl says the certificate is not usable for this purpose (unsuitable certificate purpose)"),
 }
 
 
-def verify_command(crt: str, chain: bool = False) -> Command:
-    """The guide's debugging command, with the CRL: `openssl verify -crl_check -CAfile ... -CRLfile ...`;
-    with an intermediate CA, the whole chain and every CA's CRL (-crl_check_all), as nginx checks it."""
+_PURPOSE = {"client": "sslclient", "server": "sslserver"}
+_KIND_WORDS = {"client": "clientAuth (a client certificate)", "server": "serverAuth (a server certificate)",
+               "ocsp": "OCSPSigning (the OCSP signer)", "ca": "CA:TRUE (a CA)", "unknown": "no single known purpose"}
+_VERIFY_ERROR_RE = re.compile(r"error (\d+) at \d+ depth lookup: .*")
+
+
+def verify_command(crt: str, chain: bool = False, purpose: str = "client") -> Command:
+    """The guide's debugging command, with the CRL and the purpose nginx checks:
+    `openssl verify -purpose sslclient -crl_check -CAfile ... -CRLfile ...`; with an intermediate CA,
+    the whole chain and every CA's CRL (-crl_check_all), as nginx checks it."""
     if chain:
-        return Command(("openssl", "verify", "-crl_check_all", "-CAfile", Pki.root_cert, "-untrusted", Pki.ca_cert,
-                        "-CRLfile", Pki.chain_crl, crt))
-    return Command(("openssl", "verify", "-crl_check", "-CAfile", Pki.ca_cert, "-CRLfile", Pki.crl, crt))
+        return Command(("openssl", "verify", "-purpose", _PURPOSE[purpose], "-crl_check_all", "-CAfile", Pki.root_cert,
+                        "-untrusted", Pki.ca_cert, "-CRLfile", Pki.chain_crl, crt))
+    return Command(("openssl", "verify", "-purpose", _PURPOSE[purpose], "-crl_check", "-CAfile", Pki.ca_cert,
+                    "-CRLfile", Pki.crl, crt))
 
 
-def verify(settings: Settings, name: str, runner: Runner) -> VerifyResult:
+def verify(settings: Settings, name: str, runner: Runner, purpose: str = "client") -> VerifyResult:
+    """Verify certs/NAME.crt as nginx would: as a client (or, with purpose="server", as a server) certificate.
+
+    The purpose is decided twice: from the certificate's EKU OIDs (structure), and by openssl's
+    `-purpose`; the chain, dates and CRL by openssl verify, whose exit status decides.
+    """
+    from mtlsctl.x509read import kind_of, read_certificate
+
     pki = settings.pki
     validate.client_name(name)
     pki.require_ca()
@@ -444,12 +472,18 @@ def verify(settings: Settings, name: str, runner: Runner) -> VerifyResult:
         raise InputError(f"no certificate for {name!r} ({crt} missing)", hint="see `mtlsctl list`")
     if not pki.path(pki.crl).exists():
         raise StateError("crl/ca.crl is missing", hint="run `mtlsctl crl`")
-    result = runner.run(verify_command(crt, pki.has_chain()), cwd=pki.root, check=False)
+    kind = kind_of(read_certificate(pki.path(crt)))
+    if kind != purpose:
+        other = "--server " if kind == "server" else ""
+        hint = f"; check it with `mtlsctl verify {other}{name}`" if kind in _PURPOSE else ""
+        return VerifyResult(name, False, "wrong_purpose",
+                            f"not usable as a {purpose} certificate: its extended key usage is {_KIND_WORDS[kind]}{hint}", "")
+    result = runner.run(verify_command(crt, pki.has_chain(), purpose), cwd=pki.root, check=False)
     output = (result.stdout + result.stderr).strip()
-    if result.returncode == 0 and output.endswith(": OK"):
-        return VerifyResult(name, True, "ok", "OK: signed by this CA, within its validity, not revoked (CRL checked)", output)
-    code = re.search(r"error (\d+) at \d+ depth", output)
-    verdict, message = _VERDICTS.get(code.group(1) if code else "", ("failed", "verification failed"))
+    if result.returncode == 0:
+        return VerifyResult(name, True, "ok", f"OK: signed by this CA, within its validity, not revoked (CRL checked), "
+                            f"usable as a {purpose} certificate", output)
+    codes = [m.group(1) for line in output.splitlines() if (m := _VERIFY_ERROR_RE.fullmatch(line.strip()))]
+    verdict, message = _VERDICTS.get(codes[0] if codes else "", ("failed", "verification failed"))
     detail = output.splitlines()[-2] if len(output.splitlines()) >= 2 else output
     return VerifyResult(name, False, verdict, f"{message} ({detail.strip()})", output)
-

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from mtlsctl.errors import ExternalCommandError, InputError
 from mtlsctl.pki import Pki
-from mtlsctl.profile import NginxProfile, OcspProfile, RateLimit, nginx_safe
+from mtlsctl.profile import NginxProfile, OcspProfile, RateLimit, allow_regex, nginx_safe
 from mtlsctl.runner import run_argv
 from mtlsctl.templates import render_file
 
@@ -46,10 +46,24 @@ def _listen_lines(listen: str, http2: bool) -> str:
 
 
 def _allow_entry(entry: str) -> str:
-    if entry.startswith("~"):
-        pattern = entry[1:].removeprefix("^").removesuffix("$")
-        return f'    "~^{pattern}$" 1;'
-    return f'    "{entry}" 1;'
+    """One map line: every entry is a case-sensitive regex anchored as a whole (profile.allow_regex says why).
+
+    Quoted whole, with the `~` inside the quotes: in a map, quotes count only at the start of a token, so the
+    guide's `~"CN=admin-.*"` is a regex that includes the quote characters (FIELD-NOTES).
+    """
+    return f'    "~{allow_regex(entry)}" 1;'
+
+
+def served_certificate(pki: Pki, server_cert: str) -> str:
+    """What ssl_certificate serves: for a server certificate of this PKI (certs/NAME.crt), the full chain
+    mtlsctl writes beside it (certs/NAME.fullchain.pem: leaf + issuing CA), so that a client trusting only
+    the root of a two-tier PKI can build the chain. Any other path is served as given."""
+    path = Path(server_cert)
+    if path.parent == pki.path("certs") and path.suffix == ".crt":
+        chain = path.with_name(path.stem + ".fullchain.pem")
+        if chain.is_file():
+            return str(chain)
+    return server_cert
 
 
 def render_site(pki: Pki, nginx: NginxProfile, *, verify_client: str | None = None,
@@ -92,6 +106,12 @@ def render_site(pki: Pki, nginx: NginxProfile, *, verify_client: str | None = No
         checks.append(f"        limit_req zone={site}_req burst={limit.burst} nodelay;\n        limit_req_status 429;")
     if not nginx.crl:
         warnings.append("nginx.crl is false: revoked certificates are ACCEPTED by nginx")
+    served = served_certificate(pki, nginx.server_cert)
+    if pki.has_chain() and served == nginx.server_cert and Path(served).parent == pki.path("certs"):
+        chain = Path(served).with_name(Path(served).stem + ".fullchain.pem")
+        warnings.append(f"{served} is served without the issuing CA: clients that trust only the root cannot build the "
+                        f"chain; write {chain} (`cat {served} {pki.path(pki.ca_cert)} > {chain}`, or renew the server "
+                        "certificate) and render again")
     crl_line = (f"    ssl_crl {pki.path(pki.crl_bundle)};\n" if nginx.crl else
                 "    # ssl_crl is off (nginx.crl: false in the profile): revoked certificates are accepted!\n")
     if ocsp is not None:
@@ -106,7 +126,7 @@ def render_site(pki: Pki, nginx: NginxProfile, *, verify_client: str | None = No
         "site": site,
         "http_snippets": "".join(snippets),
         "listen": _listen_lines(nginx.listen, nginx.http2),
-        "server_cert": nginx.server_cert,
+        "server_cert": served,
         "server_key": nginx.server_key,
         "client_ca": str(pki.path(pki.ca_bundle)),
         "verify_client": verify,

@@ -7,6 +7,7 @@ Passwords are never on argv: they travel on stdin (`-passout stdin` / `-passin s
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 
 from mtlsctl.pki import Pki
@@ -25,6 +26,30 @@ P12_FLAGS: dict[str, tuple[str, ...]] = {
     # RC2-40: only for very old importers; OpenSSL 3 clients (curl) cannot read it
     "legacy": ("-legacy",),
 }
+
+
+_SECTION_RE = re.compile(r"\s*\[\s*([^\]\s]+)\s*\]\s*")
+_ENTRY_RE = re.compile(r"\s*([A-Za-z0-9_.;-]+)\s*=\s*(.*?)\s*")
+
+
+def cnf_sections(text: str) -> dict[str, list[tuple[str, str]]]:
+    """The sections of an openssl.cnf and their `name = value` lines (comments dropped), in order.
+
+    Only for openssl.cnf itself (ours or the guide's), never for openssl's output.
+    """
+    sections: dict[str, list[tuple[str, str]]] = {"": []}
+    current = ""
+    for line in text.splitlines():
+        line = line.split("#", 1)[0]
+        head = _SECTION_RE.fullmatch(line)
+        if head:
+            current = head.group(1)
+            sections.setdefault(current, [])
+            continue
+        entry = _ENTRY_RE.fullmatch(line)
+        if entry:
+            sections[current].append((entry.group(1), entry.group(2)))
+    return sections
 
 
 def render_openssl_cnf(profile: Profile, pki: Pki) -> str:

@@ -44,8 +44,13 @@ class ClientFiles:
     def p12(self) -> str:
         return f"certs/{self.name}.p12"
 
-    def all(self) -> tuple[str, str, str, str]:
-        return (self.key, self.csr, self.crt, self.p12)
+    @property
+    def fullchain(self) -> str:
+        """A server's certificate followed by the issuing CA (two-tier): what nginx's ssl_certificate serves."""
+        return f"certs/{self.name}.fullchain.pem"
+
+    def all(self) -> tuple[str, ...]:
+        return (self.key, self.csr, self.crt, self.p12, self.fullchain)
 
 
 @dataclass(frozen=True)

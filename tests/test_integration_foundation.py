@@ -71,7 +71,8 @@ def test_add_client_on_default_client_settings(fast_pki, mtls):
     assert "Serial Number: 4096 (0x1000)" in text
     assert "Subject: CN = iphone-jmrp" in text
     assert re.search(r"Basic Constraints: critical\s+CA:FALSE", text)
-    assert re.search(r"Key Usage: critical\s+Digital Signature, Non Repudiation, Key Encipherment", text)
+    # keyUsage by key type (RFC 5280/5480): RSA digitalSignature + keyEncipherment, no nonRepudiation
+    assert re.search(r"Key Usage: critical\s+Digital Signature, Key Encipherment\n", text)
     assert re.search(r"Extended Key Usage: \s*TLS Web Client Authentication", text)
     assert _days_valid(text) == 365
     ok = openssl("verify", "-CAfile", str(fast_pki / "ca/ca.crt"), str(fast_pki / "certs/iphone-jmrp.crt"))
@@ -161,7 +162,13 @@ def test_a_pki_built_by_the_guides_own_commands_is_adopted(tmp_path, mtls):
     openssl("ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out", "private/ca.key", cwd=pki)
     openssl("req", "-new", "-x509", "-days", "3650", "-key", "private/ca.key", "-out", "ca/ca.crt",
             "-config", "openssl.cnf", "-extensions", "v3_ca", cwd=pki)
-    res = mtls(["--pki-dir", str(pki), "add-client", "iphone-jmrp", "--key-type", "ec"])
+    # The guide's openssl.cnf has no [ v3_client_ec ]: an EC client would get keyEncipherment (RFC 5480
+    # forbids it), so mtlsctl refuses before writing anything and says which section to add.
+    before = tree(pki)
+    ec = mtls(["--pki-dir", str(pki), "add-client", "iphone-jmrp", "--key-type", "ec"])
+    assert ec.code == 2 and "[ v3_client_ec ]" in ec.err, ec.err
+    assert tree(pki) == before
+    res = mtls(["--pki-dir", str(pki), "add-client", "iphone-jmrp", "--key-type", "rsa"])
     assert res.code == 0, res.err
     ok = openssl("verify", "-CAfile", "ca/ca.crt", "certs/iphone-jmrp.crt", cwd=pki)
     assert ok.stdout.strip().endswith("OK")

@@ -36,7 +36,7 @@ def _touch(root: Path, rel: str, text: str = "x\n"):
 
 def test_init_runs_the_guides_commands_in_order(fp, tmp_path):
     root = tmp_path / "pki"
-    for argv, out in zip(INIT_ARGV, INIT_OUTPUTS):
+    for argv, out in zip(INIT_ARGV, INIT_OUTPUTS, strict=True):
         fp.register(argv, callback=_touch(root, out))
     settings = resolve_settings(root, None, environ={})
     ca.init_pki(settings, Runner(), now=NOW)
@@ -93,7 +93,7 @@ def _pki(tmp_path: Path) -> Path:
     root = tmp_path / "pki"
     for d in ("ca", "certs", "crl", "private", "newcerts"):
         (root / d).mkdir(parents=True)
-    for rel, text in {"ca/ca.crt": "ca", "private/ca.key": "key", "openssl.cnf": "cnf", "index.txt": "",
+    for rel, text in {"ca/ca.crt": "ca", "private/ca.key": "key", "openssl.cnf": "[ v3_client ]\n[ v3_client_ec ]\n[ v3_server ]\n", "index.txt": "",
                       "index.txt.attr": "unique_subject = no\n", "serial": "1000\n", "crlnumber": "1000\n"}.items():
         (root / rel).write_text(text)
     return root
