@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import http.client
 import re
 import shutil
+import ssl
 import subprocess
 import threading
 from http.server import ThreadingHTTPServer
@@ -23,16 +26,21 @@ pytestmark = [
 ]
 
 
-@pytest.fixture
-def chain_site(tmp_path):
+@contextlib.contextmanager
+def _site(tmp_path, two_tier: bool):
+    """A PKI (two-tier: P-384 root -> P-256 issuing CA; single: one P-256 CA) with a server certificate for
+    127.0.0.1, clients phone and lost, and the rendered site served by a local nginx."""
     pki, local = tmp_path / "pki", LocalNginx(tmp_path / "nginx")
     port, bport = free_port(), free_port()
     backend = ThreadingHTTPServer(("127.0.0.1", bport), EchoHandler)
     threading.Thread(target=backend.serve_forever, daemon=True).start()
+    ca = {"subject": {"CN": "Lab Root CA"}, "key": {"type": "ec", "curve": "P-384"}, "days": 3650,
+          "intermediate": {"subject": {"CN": "Lab Issuing CA"}, "key": {"type": "ec", "curve": "P-256"}, "days": 1000}}
+    if not two_tier:
+        ca = {"subject": {"CN": "Lab CA"}, "key": {"type": "ec", "curve": "P-256"}, "days": 800}
     prof = tmp_path / "p.yaml"
     prof.write_text(yaml.safe_dump({
-        "ca": {"subject": {"CN": "Lab Root CA"}, "key": {"type": "ec", "curve": "P-384"}, "days": 3650,
-               "intermediate": {"subject": {"CN": "Lab Issuing CA"}, "key": {"type": "ec", "curve": "P-256"}, "days": 1000}},
+        "ca": ca,
         "clients": {"key": {"type": "ec"}},
         "nginx": local.nginx_section(pki, port, bport),
     }))
@@ -43,15 +51,29 @@ def chain_site(tmp_path):
     local.prefix.mkdir()
     assert run_cli(["--pki-dir", str(pki), "nginx", "render", "--out", str(local.prefix / "site.conf")]).code == 0
     local.write((local.prefix / "site.conf").read_text())
-    local.start(port)
+    try:
+        local.start(port)
 
-    def curl(cert: str, key: str) -> int:
-        res = subprocess.run(["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "--cacert", "ca/chain.pem",
-                              "--cert", cert, "--key", key, f"https://127.0.0.1:{port}/"], cwd=pki, capture_output=True, text=True)
-        return int(res.stdout or 0)
-    yield pki, curl, local
-    local.stop()
-    backend.shutdown()
+        def curl(cert: str, key: str) -> int:
+            res = subprocess.run(["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "--cacert", "ca/chain.pem",
+                                  "--cert", cert, "--key", key, f"https://127.0.0.1:{port}/"], cwd=pki, capture_output=True, text=True)
+            return int(res.stdout or 0)
+        yield pki, curl, local
+    finally:
+        local.stop()
+        backend.shutdown()
+
+
+@pytest.fixture
+def chain_site(tmp_path):
+    with _site(tmp_path, two_tier=True) as site:
+        yield site
+
+
+@pytest.fixture
+def single_site(tmp_path):
+    with _site(tmp_path, two_tier=False) as site:
+        yield site
 
 
 def test_the_chain_is_built_as_documented(chain_site):
@@ -124,3 +146,63 @@ def test_the_root_key_goes_offline_and_comes_back_by_path(chain_site, tmp_path):
     assert res.code == 0, res.err
     text = openssl("crl", "-in", str(pki / "crl/root.crl"), "-noout", "-text").stdout
     assert "Issuer: CN = Lab Root CA" in text and "CRL Number: \n                4097" in text
+
+
+def _port(pki) -> int:
+    return int(yaml.safe_load((pki / "mtls.yaml").read_text())["nginx"]["listen"].rsplit(":", 1)[1])
+
+
+def _curl_trusting_only(pki, cafile: str, name: str) -> tuple[int, str, str]:
+    """curl --cacert CAFILE (one certificate, nothing else) with a client certificate: (exit code, HTTP code, stderr)."""
+    res = subprocess.run(["curl", "-sS", "-o", "/dev/null", "-w", "%{http_code}", "--cacert", cafile,
+                          "--cert", f"certs/{name}.crt", "--key", f"private/{name}.key", f"https://127.0.0.1:{_port(pki)}/"],
+                         cwd=pki, capture_output=True, text=True)
+    return res.returncode, res.stdout, res.stderr.strip()
+
+
+def _python_get_trusting_only(pki, cafile: str, name: str) -> int:
+    """A real HTTPS GET with Python's ssl (its default verification, hostname included), trusting only CAFILE."""
+    ctx = ssl.create_default_context(cafile=str(pki / cafile))
+    ctx.load_cert_chain(str(pki / f"certs/{name}.crt"), str(pki / f"private/{name}.key"))
+    conn = http.client.HTTPSConnection("127.0.0.1", _port(pki), context=ctx, timeout=10)
+    try:
+        conn.request("GET", "/")
+        return conn.getresponse().status
+    finally:
+        conn.close()
+
+
+def _served_chain(pki) -> int:
+    """How many certificates nginx sends in its handshake (openssl s_client -showcerts)."""
+    res = openssl("s_client", "-connect", f"127.0.0.1:{_port(pki)}", "-showcerts", "-cert", str(pki / "certs/phone.crt"),
+                  "-key", str(pki / "private/phone.key"), input="", check=False)
+    return res.stdout.count("BEGIN CERTIFICATE")
+
+
+def test_clients_that_trust_only_the_root_reach_the_site(chain_site):
+    """The offline root is the only trust anchor a device should need (docs/intermediate.md): nginx must serve
+    its certificate with the issuing CA (certs/NAME.fullchain.pem), or curl, Python, Java... cannot build the
+    chain (curl exit 60, "unable to get local issuer certificate")."""
+    pki, _, _ = chain_site
+    assert (pki / "ca/root.crt").read_text().count("BEGIN CERTIFICATE") == 1  # only the root, not chain.pem
+    served = _served_chain(pki)
+    rc, code, err = _curl_trusting_only(pki, "ca/root.crt", "phone")
+    assert (rc, code) == (0, "200"), f"curl --cacert ca/root.crt: exit {rc}, HTTP {code}: {err} (nginx serves {served} certificate(s))"
+    try:
+        status = _python_get_trusting_only(pki, "ca/root.crt", "phone")
+    except ssl.SSLError as exc:
+        pytest.fail(f"Python ssl trusting only ca/root.crt: {exc} (nginx serves {served} certificate(s))")
+    assert status == 200
+    assert served == 2  # leaf + issuing CA; never the root (the client already has it)
+    # ... and the client side of the chain is still checked: a revoked client trusting the root is refused
+    assert run_cli(["--pki-dir", str(pki), "revoke", "lost"]).code == 0
+    assert _curl_trusting_only(pki, "ca/root.crt", "lost")[:2] == (0, "400")
+
+
+def test_clients_that_trust_the_single_ca_reach_the_site(single_site):
+    """Single tier: the CA is the root; the server certificate alone is a complete chain (already true)."""
+    pki, _, _ = single_site
+    rc, code, err = _curl_trusting_only(pki, "ca/ca.crt", "phone")
+    assert (rc, code) == (0, "200"), f"curl --cacert ca/ca.crt: exit {rc}, HTTP {code}: {err}"
+    assert _python_get_trusting_only(pki, "ca/ca.crt", "phone") == 200
+    assert _served_chain(pki) in (1, 2)  # leaf, or leaf + CA: both complete
