@@ -107,6 +107,42 @@ def fast_pki(tmp_path: Path, _fast_ca_template: Path) -> Path:
     return _copy_pki(_fast_ca_template, tmp_path / "pki")
 
 
+TWO_TIER_PROFILE = """\
+ca:
+  subject: {CN: Test Root CA, O: mtlsctl tests}
+  key: {type: ec, curve: P-256}
+  days: 800
+  intermediate:
+    subject: {CN: Test Issuing CA, O: mtlsctl tests}
+    key: {type: ec, curve: P-256}
+    days: 700
+clients:
+  key: {type: ec, curve: P-256}
+"""
+
+
+@pytest.fixture(scope="session")
+def _two_tier_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    base = tmp_path_factory.mktemp("template2")
+    profile = base / "profile.yaml"
+    profile.write_text(TWO_TIER_PROFILE)
+    pki = base / "pki"
+    res = run_cli(["--pki-dir", str(pki), "--profile", str(profile), "init"])
+    assert res.code == 0, res.err
+    return pki
+
+
+@pytest.fixture(params=["single", "two-tier"])
+def tiered_pki(request: pytest.FixtureRequest, tmp_path: Path) -> Path:
+    """A fresh PKI, once single-tier (one CA) and once two-tier (root -> issuing CA): every feature in both."""
+    template = request.getfixturevalue("_fast_ca_template" if request.param == "single" else "_two_tier_template")
+    return _copy_pki(template, tmp_path / "pki")
+
+
+def is_two_tier(pki: Path) -> bool:
+    return (pki / "ca/root.crt").exists()
+
+
 def set_profile(pki: Path, **changes: dict) -> None:
     """Update sections of <pki>/mtls.yaml: set_profile(pki, crl={"days": 10})."""
     import yaml
