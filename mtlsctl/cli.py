@@ -27,6 +27,8 @@ from mtlsctl.errors import (
     EXIT_OK,
     InputError,
     MtlsError,
+    os_error_exit_code,
+    os_error_lines,
 )
 
 app = typer.Typer(
@@ -1311,6 +1313,10 @@ def main(argv: list[str] | None = None) -> NoReturn:
     except KeyboardInterrupt:
         print("interrupted; what this run wrote was rolled back", file=sys.stderr)
         code = EXIT_INTERRUPTED
+    except OSError as exc:
+        for line in os_error_lines(exc):
+            print(line, file=sys.stderr)
+        code = os_error_exit_code(exc)
     except Exception as exc:  # noqa: BLE001 - the boundary: a bug must not print a traceback holding secrets
         if _debug or os.environ.get("MTLSCTL_DEBUG"):
             raise

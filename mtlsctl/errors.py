@@ -2,8 +2,10 @@
 
 Exit codes (documented in docs/cli.md):
   0  success
-  1  an operation failed (openssl, nginx, the lock, the PKI's state); nothing half-done is left
-  2  bad input (name, SAN, days, password, profile, path, a refusal to overwrite); nothing was written
+  1  an operation failed (openssl, nginx, the lock, the PKI's state, or the system: permission denied,
+     disk full; said with the path); nothing half-done is left
+  2  bad input (name, SAN, days, password, profile, path: also a directory given for a file or a file
+     for a directory, a refusal to overwrite); nothing was written
   3  internal error (a bug in mtlsctl: please report it; --debug shows the traceback)
   130 interrupted (Ctrl-C / SIGTERM); what the run had written is rolled back
 """
@@ -80,3 +82,48 @@ class OpenSSLError(MtlsError):
 
 class ExternalCommandError(MtlsError):
     """A non-openssl program (nginx -t, systemctl reload) failed."""
+
+
+# --------------------------------------------------------------------------- OSError, in words
+
+# The user's path is wrong (exit 2): a directory where a file was expected, a file where a directory was...
+_PATH_ERRNOS = {"ENOENT", "EISDIR", "ENOTDIR", "ENAMETOOLONG", "ELOOP", "EEXIST"}
+_HINTS = {
+    "EACCES": "run mtlsctl as the user that owns the PKI (often root), or fix the permissions of that path",
+    "EPERM": "run mtlsctl as the user that owns the PKI (often root), or fix the permissions of that path",
+    "ENOSPC": "free some disk space and run the command again; what this run wrote was rolled back",
+    "EDQUOT": "free some disk space (quota) and run the command again; what this run wrote was rolled back",
+    "EROFS": "the file system is read-only; remount it read-write or use another directory",
+    "EISDIR": "give a file name, not a directory",
+    "ENOTDIR": "a part of that path is a file, not a directory; check the path",
+    "ENOENT": "check the path (does the directory exist?)",
+    "ELOOP": "that path is (or goes through) a symbolic link, which mtlsctl does not follow there",
+    "EEXIST": "something already exists at that path; mtlsctl does not overwrite it",
+}
+
+
+def _errno_name(exc: OSError) -> str:
+    import errno
+
+    return errno.errorcode.get(exc.errno or 0, "")
+
+
+def os_error_lines(exc: OSError) -> list[str]:
+    """An OSError the core did not turn into an MtlsError: one line with the reason and the path, and a hint.
+
+    What the failed run had written is already rolled back by its transaction by the time this prints.
+    """
+    reason = exc.strerror or type(exc).__name__
+    where = f": {exc.filename}" if exc.filename else ""
+    if exc.filename2:
+        where += f" -> {exc.filename2}"
+    lines = [f"error: {reason}{where}"]
+    hint = _HINTS.get(_errno_name(exc))
+    if hint:
+        lines.append(f"hint: {hint}")
+    return lines
+
+
+def os_error_exit_code(exc: OSError) -> int:
+    return EXIT_BAD_INPUT if _errno_name(exc) in _PATH_ERRNOS else EXIT_FAILED
+

@@ -156,6 +156,8 @@ def resolve_settings(
             given = Path(profile.pki_dir).expanduser()
             pki_dir = given if given.is_absolute() else profile_path.parent / given
     root = validate.pki_dir(pki_dir if pki_dir is not None else Path(DEFAULT_PKI_DIR))
+    if root.exists() and not root.is_dir():
+        raise InputError(f"the PKI directory {root} is not a directory", hint="point --pki-dir / PKI_DIR at the PKI's directory")
     if profile is None:
         candidate = root / PROFILE_NAME
         if candidate.exists():

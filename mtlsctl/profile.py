@@ -6,6 +6,7 @@ mapping keeps the defaults for what it leaves out; the built-in defaults are exa
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -478,8 +479,14 @@ def _problems(exc: ValidationError) -> list[str]:
         elif err["type"] == "missing":
             out.append(f"{path}: required and missing")
         else:
-            out.append(f"{path}: {err['input']!r} is not allowed: {msg[0].lower() + msg[1:]}")
+            out.append(f"{path}: {_excerpt(err['input'])} is not allowed: {_excerpt(msg[0].lower() + msg[1:], 300, quote=False)}")
     return out
+
+
+def _excerpt(value: Any, limit: int = 60, quote: bool = True) -> str:
+    """A value as an error message shows it: its repr, cut to `limit` characters (a profile can be hostile)."""
+    text = repr(value) if quote else str(value)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def parse_profile(data: Any, source: str) -> Profile:
@@ -494,18 +501,91 @@ def parse_profile(data: Any, source: str) -> Profile:
         raise ProfileError(source, _problems(exc)) from None
 
 
-def load_profile(path: Path) -> Profile:
-    """Read and validate a YAML profile file."""
-    import yaml  # imported here: only commands that read a profile pay for it
+PROFILE_MAX_BYTES = 256 * 1024
+# A profile is a few dozen keys. Aliases that expand to more nodes than this are an attack (a "billion
+# laughs" document of 436 bytes produced a 76 MB error message), never a site profile.
+PROFILE_MAX_NODES = 10_000
+
+
+def _read_profile_text(path: Path) -> str:
+    """The profile's text: a regular file (a FIFO would hang, a device never ends), at most 256 KiB."""
+    import stat
 
     try:
-        text = path.read_text(encoding="utf-8")
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     except FileNotFoundError:
         raise InputError(f"profile {path} does not exist", hint="check --profile / MTLSCTL_PROFILE") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise InputError(f"profile {path} cannot be read: {exc}") from None
+    except OSError as exc:
+        raise InputError(f"profile {path} cannot be opened: {exc.strerror}") from None
     try:
-        data = yaml.safe_load(text)
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise InputError(f"profile {path} is not a regular file", hint="give the path of a YAML file")
+        with os.fdopen(os.dup(fd), "rb") as fh:
+            raw = fh.read(PROFILE_MAX_BYTES + 1)
+    except OSError as exc:
+        raise InputError(f"profile {path} cannot be read: {exc.strerror}") from None
+    finally:
+        os.close(fd)
+    if len(raw) > PROFILE_MAX_BYTES:
+        raise InputError(f"profile {path} is larger than {PROFILE_MAX_BYTES // 1024} KiB; that is not a site profile")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InputError(f"profile {path} is not UTF-8 text (byte {exc.start})") from None
+
+
+def _safe_yaml(text: str, source: str) -> Any:
+    """yaml.safe_load, but duplicate keys are errors (not silently last-wins) and alias expansion is bounded."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    def construct_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = loader.construct_object(key_node, deep=True)
+            try:
+                first = seen.get(key)
+            except TypeError:
+                raise ProfileError(source, [f"line {key_node.start_mark.line + 1}: a mapping key must be a plain value"]) from None
+            if first is not None:
+                raise ProfileError(source, [f"duplicate key {_excerpt(key)} at line {key_node.start_mark.line + 1} "
+                                            f"(first at line {first}): remove one of them"])
+            seen[key] = key_node.start_mark.line + 1
+        return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
+
+    Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, construct_mapping)
+    loader = Loader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        # Count the nodes as the document expands them (an alias is counted every time it is used).
+        count, stack = 0, [node]
+        while stack:
+            current = stack.pop()
+            count += 1
+            if count > PROFILE_MAX_NODES:
+                raise ProfileError(source, [f"the document expands to more than {PROFILE_MAX_NODES} values "
+                                            "(nested YAML aliases?); a site profile needs a few dozen"])
+            if isinstance(current, yaml.MappingNode):
+                for k, v in current.value:
+                    stack.extend((k, v))
+            elif isinstance(current, yaml.SequenceNode):
+                stack.extend(current.value)
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
+def load_profile(path: Path) -> Profile:
+    """Read and validate a YAML profile file (a regular file of at most 256 KiB, no duplicate keys)."""
+    import yaml  # imported here: only commands that read a profile pay for it
+
+    text = _read_profile_text(path)
+    try:
+        data = _safe_yaml(text, str(path))
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
