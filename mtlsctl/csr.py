@@ -96,12 +96,13 @@ def read_request_file(path: Path) -> bytes:
     return data
 
 
-def _check_san(kind: str, value: str | None, problems: list[str], out: list[str]) -> None:
+def _check_san(kind: str, value: str | None, problems: list[str], out: list[str], cert_kind: str) -> None:
     if value is None or kind not in validate.SAN_TYPES:
         problems.append(f"its subjectAltName has a {kind} entry, a type mtlsctl does not accept (only DNS, IP, email, URI)")
         return
-    if kind == "DNS" and "*" in value:
-        problems.append(f"its subjectAltName asks for the wildcard DNS:{value}; wildcards are not issued")
+    if kind == "DNS" and "*" in value and not (cert_kind == "server" and value.startswith("*.") and "*" not in value[2:]):
+        problems.append(f"its subjectAltName asks for the wildcard DNS:{value}; wildcards are issued to servers only "
+                        "(add-server --san DNS:*.example.com)")
         return
     try:
         checked = validate.san(f"{kind}:{value}")
@@ -135,6 +136,12 @@ def review_request(data: bytes, name: str, kind: str = "client", source: str = "
     weak = x509read.key_problem(key)
     if weak:
         problems.append(weak)
+    elif public_key_der and public_key_der not in csr.tbs_certrequest_bytes:
+        # cryptography normalises what it reads: an EC key with explicit curve parameters, or an RSA-PSS key,
+        # comes back as a plain P-256 / rsaEncryption key. Only the request's own bytes tell (openssl verify
+        # rejects explicit parameters; RSA-PSS must not get keyEncipherment).
+        problems.append("its public key is not encoded as a plain rsaEncryption or named-curve EC key "
+                        "(explicit EC parameters or RSA-PSS are not issued)")
     sans: list[str] = []
     not_copied: list[str] = []
     for ext in x509read.extensions(csr, source):
@@ -153,7 +160,7 @@ def review_request(data: bytes, name: str, kind: str = "client", source: str = "
         elif ext.oid == _SAN:
             for entry in ext.value:
                 san_kind, value = x509read.general_name(entry)
-                _check_san(san_kind, value, problems, sans)
+                _check_san(san_kind, value, problems, sans, kind)
         elif ext.oid in _REFUSED:
             problems.append(f"it carries {_REFUSED[ext.oid]}")
         elif ext.oid in ("2.5.29.14", "2.5.29.35"):
@@ -175,6 +182,11 @@ def review_request(data: bytes, name: str, kind: str = "client", source: str = "
 # --------------------------------------------------------------------------- signing exactly what was reviewed
 
 
+def ca_section(sections: dict[str, list[tuple[str, str]]]) -> str:
+    """The CA section `openssl ca` uses: default_ca from [ ca ], else from the default section (as NCONF looks up)."""
+    return dict(sections.get("ca", [])).get("default_ca") or dict(sections.get("", [])).get("default_ca") or "CA_default"
+
+
 def signing_config(pki: Pki, section: str, sans: list[str]) -> str:
     """The per-run configuration: openssl.cnf, with `copy_extensions = none` and the section plus SANs.
 
@@ -183,7 +195,7 @@ def signing_config(pki: Pki, section: str, sans: list[str]) -> str:
     """
     cnf_path = pki.path(pki.openssl_cnf)
     sections = openssl.cnf_sections(cnf_path.read_text(errors="replace"))
-    default_ca = dict(sections.get("ca", [])).get("default_ca", "CA_default")
+    default_ca = ca_section(sections)
     lines = [(k, v) for k, v in sections.get(section, []) if k != "subjectAltName"]
     keys = {k for k, _ in lines}
     missing = {"basicConstraints", "keyUsage", "extendedKeyUsage"} - keys
@@ -204,10 +216,11 @@ def signing_config(pki: Pki, section: str, sans: list[str]) -> str:
     return "\n".join(body) + "\n"
 
 
-def sign_command(workdir: str, crt: str, days: int) -> Command:
+def sign_command(workdir: str, crt: str, days: int, ca_name: str = "CA_default") -> Command:
+    """`-name` names the CA section explicitly: the one whose copy_extensions sign.cnf sets to none."""
     return Command(
-        ("openssl", "ca", "-config", f"{workdir}/sign.cnf", "-extensions", SIGN_SECTION, "-days", str(days), "-batch",
-         "-in", f"{workdir}/request.csr", "-out", crt),
+        ("openssl", "ca", "-config", f"{workdir}/sign.cnf", "-name", ca_name, "-extensions", SIGN_SECTION,
+         "-days", str(days), "-batch", "-in", f"{workdir}/request.csr", "-out", crt),
         label=f"signing {crt} with the CA ({days} days; nothing copied from the request)", uses_ca_key=True)
 
 
@@ -227,6 +240,15 @@ def check_issued(path: Path, review: RequestReview, *, ocsp_aia: bool) -> None:
     allowed_usage = {"digitalSignature", "nonRepudiation"} | ({"keyEncipherment"} if review.key.type == "rsa" else set())
     if "digitalSignature" not in usage or usage - allowed_usage:
         found.append(f"keyUsage is {', '.join(sorted(usage)) or '(none)'}; allowed: {', '.join(sorted(allowed_usage))}")
+    from cryptography import x509 as cx509
+
+    for ext in exts:
+        if ext.oid == _SAN and ext.critical:
+            found.append("its subjectAltName is critical (its subject is not empty)")
+        if ext.oid == "2.5.29.14" and ext.value.digest != cx509.SubjectKeyIdentifier.from_public_key(cert.public_key()).digest:
+            found.append("its subjectKeyIdentifier is not the hash of its key (taken from the request?)")
+        if ext.oid in ("2.5.29.19", "2.5.29.15") and not ext.critical:
+            found.append(f"{ext.name} is not critical")
     allowed = _ISSUED_ALLOWED if ocsp_aia else _ISSUED_ALLOWED - {"1.3.6.1.5.5.7.1.1"}
     extra = [x509read.ext_name(e.oid) for e in exts if e.oid not in allowed]
     if extra:
@@ -261,12 +283,40 @@ def sign_reviewed(settings: Settings, review: RequestReview, crt: str, days: int
             with os.fdopen(fd, "wb") as fh:
                 fh.write(content)
         rel = os.path.relpath(workdir, pki.root)
-        row = sign_into_database(pki, sign_command(rel, crt, days), review.name, crt, runner, tx)
+        ca_name = ca_section(openssl.cnf_sections(pki.path(pki.openssl_cnf).read_text(errors="replace")))
+        row = sign_into_database(pki, sign_command(rel, crt, days, ca_name), review.name, crt, runner, tx)
         aia = any(k == "authorityInfoAccess" for k, _ in openssl.cnf_sections(config).get(SIGN_SECTION, []))
         check_issued(pki.path(crt), review, ocsp_aia=aia)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     return row
+
+
+def check_renewal(review: RequestReview, cert_path: Path) -> None:
+    """A stored CSR may be re-signed only for the certificate it made: the same key, subject and SANs.
+
+    certs/NAME.csr is a file on disk: replaced (another key, more SANs) or paired with a renamed index.txt
+    row, renewing it would hand the name to another key. Raise StateError instead.
+    """
+    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+    cert = x509read.read_certificate(cert_path)
+    found = []
+    if cert.public_key().public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo) != review.public_key_der:
+        found.append("its key is not the certificate's")
+    if not x509read.is_exactly_cn(cert.subject, review.name):
+        found.append(f"the certificate's subject is {x509read.describe_name(cert.subject)!r}, not CN={review.name}")
+    cert_sans = []
+    for kind, value in x509read.sans(x509read.extensions(cert, str(cert_path))):
+        try:
+            cert_sans.append(validate.san(f"{kind}:{value}"))
+        except InputError:
+            cert_sans.append(f"{kind}:{value}")
+    if sorted(cert_sans) != sorted(review.sans):
+        found.append(f"its SANs {review.sans} are not the certificate's {cert_sans}")
+    if found:
+        raise StateError(f"certs/{review.name}.csr does not belong to the certificate being renewed ({'; '.join(found)})",
+                         hint=f"issue a new certificate instead: mtlsctl revoke {review.name}, then add-client/sign-csr")
 
 
 # --------------------------------------------------------------------------- sign-csr
@@ -302,7 +352,9 @@ def plan_sign_csr(settings: Settings, csr_path: Path, name: str, days: int | Non
     refuse_conflicts(pki, name)
     section = extensions_section("client", review.key.type)
     require_section(pki, section)
-    return review, [sign_command("private/.sign-XXXXXX", ClientFiles(name).crt, days)], signing_config(pki, section, review.sans)
+    ca_name = ca_section(openssl.cnf_sections(pki.path(pki.openssl_cnf).read_text(errors="replace")))
+    return (review, [sign_command("private/.sign-XXXXXX", ClientFiles(name).crt, days, ca_name)],
+            signing_config(pki, section, review.sans))
 
 
 def sign_csr(settings: Settings, csr_path: Path, name: str, days: int | None, runner: Runner) -> SignResult:

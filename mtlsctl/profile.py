@@ -226,6 +226,29 @@ _ALLOW_UNSAFE = set(";{}\"'`$#")
 _PCRE_META = re.compile(r"([.^|?*+()\[\]])")
 
 
+# Escapes both engines read the same way; others (\\Q…\\E, \\K, \\R, \\x{…}, backreferences) are refused.
+_SAFE_ESCAPES = set(".-_=,+*?|()[]^$/:@ dDwWsS")
+
+
+def _pcre_divergence(pattern: str) -> str | None:
+    """Why Python's `re` (which checks the pattern here) and nginx's PCRE could parse it differently, or None.
+
+    The anchoring wrapper `^(?:PATTERN)$` is only as good as the agreement of the two parsers on where the
+    pattern's groups begin and end: PCRE reads `[[:digit:](]` as one bracket holding a POSIX class, Python
+    as a nested set, so a `)|(` that Python counts as literal closes nginx's wrapper early.
+    """
+    for seq, what in (("[:", "a POSIX class [:...:]"), ("[=", "a POSIX equivalence class [=...=]"),
+                      ("[.", "a POSIX collating element [. .]"), ("[[", "a nested set [["), ("(*", "a PCRE verb (*...)")):
+        if seq in pattern:
+            return what
+    for i, c in enumerate(pattern):
+        if c == "\\" and (i + 1 >= len(pattern) or pattern[i + 1] not in _SAFE_ESCAPES):
+            return f"the escape \\{pattern[i + 1:i + 2]}"
+        if c == "(" and pattern[i + 1:i + 2] == "?" and pattern[i + 2:i + 3] != ":":
+            return "an extension group (?...) other than (?:...)"
+    return None
+
+
 def allow_regex(entry: str) -> str:
     """The regex nginx runs for one `nginx.allow` entry, anchored as a whole: `^(?:PATTERN)$`.
 
@@ -250,6 +273,10 @@ def allow_regex(entry: str) -> str:
             raise ValueError(f"regex {entry!r} is empty")
         if "\\\\" in pattern:
             raise ValueError(f"regex {entry!r} contains a double backslash (\\\\), which nginx turns into one before the regex runs")
+        why = _pcre_divergence(pattern)
+        if why:
+            raise ValueError(f"regex {entry!r} uses {why}; allowlist regexes are limited to the syntax Python and "
+                             "nginx's PCRE read alike (literals, ., [...] sets, * + ?, |, (...), (?:...), escapes such as \\. \\d \\w)")
         anchored = f"^(?:{pattern})$"
         try:
             re.compile(pattern)  # on its own first: an unbalanced `a)|(b` must not fit the wrapper
@@ -398,7 +425,9 @@ class PublishProfile(_Strict):
     """A command run after every CRL or chain change, to copy them to the nginx hosts."""
 
     command: str = Field(description="split like a shell, run without one (rsync, ansible-playbook, ...); "
-                                     "$PKI_DIR, $MTLSCTL_CRL, $MTLSCTL_CA are set for it")
+                                     "$MTLSCTL_SITE_CA and $MTLSCTL_SITE_CRL name what the rendered site reads (ca/chain.pem and "
+                                     "crl/chain.crl in a two-tier PKI); also $PKI_DIR, $MTLSCTL_CA, $MTLSCTL_CRL, $MTLSCTL_CHAIN, "
+                                     "$MTLSCTL_CHAIN_CRL, $MTLSCTL_ROOT_CA, $MTLSCTL_ROOT_CRL (docs/fleet.md)")
     timeout: int = Field(default=600, ge=1, le=86400, description="seconds before the command is stopped and reported failed")
 
     @field_validator("command")

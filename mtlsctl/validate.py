@@ -47,6 +47,7 @@ _SAN_UNSAFE = {
     "\\": "openssl's config parser reads it as an escape",
     '"': "openssl's config parser reads it as a quote",
     "'": "openssl's config parser reads it as a quote",
+    "`": "openssl's config parser reads it as a quote and silently drops it",
 }
 
 PASSWORD_MAX = 1023  # openssl reads passwords into a 1024-byte buffer
@@ -178,7 +179,7 @@ def strip_one_newline(text: str) -> str:
 
 
 # Characters that openssl.cnf gives a meaning to ($var, # comment, \ escape, quotes) or that break lines.
-_CNF_UNSAFE = set("$#\\\"'")
+_CNF_UNSAFE = set("$#\\\"'`")
 
 
 def config_unsafe(value: str) -> list[str]:
@@ -198,7 +199,12 @@ def config_value(value: str, *, what: str) -> str:
 
 
 def pki_dir(path: Path) -> Path:
-    """Check and absolutise the PKI directory (it is written into openssl.cnf as `dir`)."""
-    text = str(path)
-    config_value(text, what="PKI directory")
-    return Path(text).expanduser().absolute()
+    """Check and absolutise the PKI directory (it is written into openssl.cnf as `dir`).
+
+    The path checked is the one written: after `~` expansion and made absolute (the current directory or
+    $HOME can hold a `#` or a backtick that openssl.cnf would cut or drop, pointing `dir` at another PKI).
+    """
+    config_value(str(path), what="PKI directory")
+    final = Path(str(path)).expanduser().absolute()
+    config_value(str(final), what="PKI directory (absolute)")
+    return final

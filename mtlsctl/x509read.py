@@ -97,8 +97,9 @@ def load_csr(data: bytes, source: str = "CSR") -> x509.CertificateSigningRequest
             raw = raw.replace(b"NEW CERTIFICATE REQUEST", b"CERTIFICATE REQUEST")
     try:
         return x509.load_pem_x509_csr(raw) if pem else x509.load_der_x509_csr(raw)
-    except ValueError as exc:
-        raise InputError(f"{source} is not a readable certificate request ({exc})",
+    except Exception:  # noqa: BLE001 - ValueError, InvalidVersion...: every unparseable request is bad input
+        what = "a damaged PEM block" if pem else "neither a PEM certificate request nor valid DER"
+        raise InputError(f"{source} is not a readable certificate request ({what})",
                          hint="give the PEM or DER file made by `openssl req -new`") from None
 
 
@@ -179,8 +180,18 @@ def common_name(name: x509.Name) -> str | None:
 
 
 def is_exactly_cn(name: x509.Name, cn: str) -> bool:
-    """True when the subject is exactly one RDN holding exactly CN=cn (nothing else, nothing multi-valued)."""
-    return subject_rdns(name) == [[(OID_CN, cn)]]
+    """True when the subject is exactly one RDN holding exactly CN=cn (nothing else, nothing multi-valued),
+    encoded as UTF8String or PrintableString: a BMPString or UniversalString CN that decodes to the same
+    text is a different byte string to openssl (its index.txt row would read /CN=\\x00n\\x00a...)."""
+    from cryptography import x509
+    from cryptography.x509.name import _ASN1Type
+    from cryptography.x509.oid import NameOID
+
+    if subject_rdns(name) != [[(OID_CN, cn)]]:
+        return False
+    encoded = name.public_bytes()
+    return any(encoded == x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn, _type=t)]).public_bytes()
+               for t in (_ASN1Type.UTF8String, _ASN1Type.PrintableString))
 
 
 def describe_name(name: x509.Name) -> str:

@@ -55,8 +55,8 @@ def test_renew_signs_then_revokes_then_one_crl_then_bundles(fast_pki, mtls, spy)
     # the reviewed copy of the request, both in a private temporary directory.
     work = spy[0][3].rsplit("/", 1)[0]
     assert work.startswith("private/.sign-") and spy[0][3] == f"{work}/sign.cnf"
-    assert spy[0] == ("openssl", "ca", "-config", f"{work}/sign.cnf", "-extensions", "mtlsctl_sign", "-days", "30",
-                      "-batch", "-in", f"{work}/request.csr", "-out", "certs/a.crt")
+    assert spy[0] == ("openssl", "ca", "-config", f"{work}/sign.cnf", "-name", "CA_default", "-extensions", "mtlsctl_sign",
+                      "-days", "30", "-batch", "-in", f"{work}/request.csr", "-out", "certs/a.crt")
     assert not (fast_pki / work).exists()
     assert spy[1] == ("openssl", "ca", "-config", "openssl.cnf", "-revoke", f"certs/a.crt.old.{day}",
                       "-crl_reason", "superseded")
