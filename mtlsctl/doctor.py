@@ -185,14 +185,38 @@ def check_database(settings: Settings) -> list[Finding]:
     return out
 
 
+def _cnf_dirs(text: str) -> list[tuple[str, str]]:
+    """(section, value) of every `dir = value` in openssl.cnf (quotes and comments removed)."""
+    found, section = [], "default"
+    for raw in text.splitlines():
+        line = raw.split("#", 1)[0].strip()
+        head = re.fullmatch(r"\[\s*([^\]\s]+)\s*\]", line)
+        if head:
+            section = head.group(1)
+            continue
+        m = re.fullmatch(r"dir\s*=\s*(.*)", line)
+        if m:
+            value = m.group(1).strip()
+            if len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'":
+                value = value[1:-1]
+            found.append((section, value))
+    return found
+
+
 def check_config(settings: Settings) -> list[Finding]:
     pki = settings.pki
     out = []
     cnf = pki.path(pki.openssl_cnf).read_text(errors="replace")
-    m = re.search(r"^\s*dir\s*=\s*(.+?)\s*(#.*)?$", cnf, re.M)
-    if not m or os.path.realpath(m.group(1)) != os.path.realpath(pki.root):
-        out.append(Finding("config", "error", f"openssl.cnf's dir is {m.group(1) if m else '(missing)'}, not {pki.root}",
-                           f"set `dir = {pki.root}` in openssl.cnf (the PKI was moved?)"))
+    dirs = _cnf_dirs(cnf)
+    if not dirs:
+        out.append(Finding("config", "error", f"openssl.cnf's dir is (missing), not {pki.root}",
+                           f"set `dir = {pki.root}` in [ CA_default ] of openssl.cnf"))
+    for section, value in dirs:  # every section: [ CA_default ] and, two-tier, [ root_ca ] (crl --root)
+        here = value if os.path.isabs(value) else os.path.join(pki.root, value)  # openssl runs in the PKI
+        if "$" in value or os.path.realpath(here) != os.path.realpath(pki.root):
+            out.append(Finding("config", "error", f"openssl.cnf's dir is {value or '(empty)'} in [ {section} ], not {pki.root}: "
+                               "openssl would use another directory's files and keys",
+                               f"set `dir = {pki.root}` in [ {section} ] of openssl.cnf (the PKI was moved?)"))
     if not re.search(r"^\s*unique_subject\s*=\s*no", cnf, re.M):
         out.append(Finding("config", "warn", "openssl.cnf does not say unique_subject = no",
                            "add `unique_subject = no` to [ CA_default ] (renewal briefly holds two valid certificates of a name)"))

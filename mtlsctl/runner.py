@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from mtlsctl.errors import ExternalCommandError, OpenSSLError, StateError
 
@@ -232,6 +232,24 @@ def spawn(argv: Sequence[str], cwd: Path | None = None, log: Path | None = None)
     finally:
         if log is not None:
             out.close()  # type: ignore[union-attr]
+
+
+def spawn_stream(argv: Sequence[str], stdin: Any, stdout: Any, extra_fds: tuple[int, ...] = ()) -> subprocess.Popen[bytes]:
+    """Start openssl on binary pipes (backup: tar -> `openssl enc` -> file, no plaintext on disk).
+
+    stdin/stdout: a file object or descriptor, or None for a pipe; stderr is always a pipe. The child gets
+    the scrubbed environment, the PKI lock descriptors held, and `extra_fds` (a passphrase pipe, `-pass fd:N`).
+    Raises MtlsError when openssl is missing.
+    """
+    from mtlsctl.errors import MtlsError
+    from mtlsctl.files import HELD_LOCK_FDS
+
+    try:
+        return subprocess.Popen(list(argv), stdin=subprocess.PIPE if stdin is None else stdin,
+                                stdout=subprocess.PIPE if stdout is None else stdout, stderr=subprocess.PIPE,
+                                env=child_env(), pass_fds=(*extra_fds, *sorted(HELD_LOCK_FDS)))
+    except FileNotFoundError:
+        raise MtlsError(f"{argv[0]} was not found on PATH", hint="install it (Debian: apt-get install openssl)") from None
 
 
 def run_argv(argv: Sequence[str], cwd: Path | None = None, check: bool = True) -> Result:
