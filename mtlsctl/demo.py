@@ -129,10 +129,19 @@ class LocalNginx:
             return
         run_argv(self.argv("-s", "stop"), check=False)  # fast shutdown: this nginx is ours
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and Path(f"/proc/{pid}").exists():
+        while time.monotonic() < deadline and _running(pid):
             time.sleep(0.05)
-        if Path(f"/proc/{pid}").exists():
+        if _running(pid):
             os.kill(pid, signal.SIGTERM)
+
+
+def _running(pid: int) -> bool:
+    """True while the process runs; an exited one that its parent has not reaped yet (a zombie) has stopped."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X")
 
 
 def start_backend(port: int, pid_file: Path, log: Path) -> int:
