@@ -38,7 +38,7 @@ from pathlib import Path, PurePosixPath
 from typing import BinaryIO
 
 from mtlsctl.errors import InputError, MtlsError, OpenSSLError
-from mtlsctl.files import MODE_CA_KEY, MODE_PRIVATE_DIR, MODE_PUBLIC_DIR, atomic_write, fsync_dir, pki_lock
+from mtlsctl.files import MODE_CA_KEY, MODE_PRIVATE_DIR, MODE_PUBLIC_DIR, atomic_write, fsync_dir, read_lock
 from mtlsctl.pki import DB_FILES_WITH_BACKUPS, DIRS, PROFILE_NAME, Settings
 from mtlsctl.runner import Runner, summarize_stderr
 
@@ -427,7 +427,7 @@ def backup(settings: Settings, out: Path, passphrase: str | None, runner: Runner
     done = False
     try:
         try:
-            with pki_lock(pki.lock_path):  # one consistent copy: nobody changes the PKI meanwhile
+            with read_lock(pki.root):  # one consistent copy: no writer runs meanwhile (shared: a reader, not a writer)
                 entries, skipped, refused = _scan(pki.root)
                 if refused:
                     raise InputError(f"the PKI holds what a backup cannot restore: {'; '.join(refused)}",

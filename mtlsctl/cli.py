@@ -7,6 +7,7 @@ traceback unless --debug is given.
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import os
@@ -114,14 +115,22 @@ def _runner(settings: Any = None, signs: bool = False) -> Any:
     return Runner(TerminalReporter(), ca_passphrase=lambda cwd: passphrase if cwd == root else None)
 
 
-def _settings(ctx: typer.Context) -> Any:
+def _settings(ctx: typer.Context, recover: bool = True) -> Any:
     from mtlsctl.files import recover_if_needed
     from mtlsctl.pki import resolve_settings
 
     opts: GlobalOptions = ctx.find_root().obj
     settings = resolve_settings(opts.pki_dir, opts.profile, environ={})
-    recover_if_needed(settings.pki.root)  # a run killed mid-way left a journal: roll it back first
+    if recover:
+        recover_if_needed(settings.pki.root)  # a run killed mid-way left a journal: roll it back first
     return settings
+
+
+def _reading(settings: Any) -> Any:
+    """Readers hold a shared lock on the PKI: no writer runs meanwhile (`openssl ca` replaces index.txt by two renames)."""
+    from mtlsctl.files import read_lock
+
+    return read_lock(settings.pki.root)
 
 
 def _print_json(data: Any) -> None:
@@ -364,10 +373,10 @@ def export(
     if dry_run:
         settings.pki.require_ca()
         target = out.absolute() if out else settings.pki.path(f"certs/{name}.p12")
-        rel = os.path.relpath(target.parent / f".{target.name}.tmp", settings.pki.root)
+        rel = f"{client.P12_WORKDIR}/{name}.p12"
         _print_dry_run(settings.pki.root, client.export_commands(name, rel, p12 or settings.profile.clients.p12,
                                                                  settings.pki.ca_bundle),
-                       [f"then rename to {target}"])
+                       [f"then written to {target} (a new file with an unpredictable name, renamed into place)"])
         return
     password = _read_password(password_stdin, password_file)
     result = client.export_client(settings, name, p12=p12, password=password, out=out, force=force, runner=_runner())
@@ -591,7 +600,8 @@ def list_(
 
         validate.days(expiring_within, what="--expiring-within", maximum=36500)
     settings = _settings(ctx)
-    entries = lifecycle.list_certs(settings, status=status, expiring_within=expiring_within)
+    with _reading(settings):
+        entries = lifecycle.list_certs(settings, status=status, expiring_within=expiring_within)
     if as_json:
         _print_json([e.to_json() for e in entries])
         return
@@ -706,11 +716,13 @@ def verify(
 ) -> None:
     """Check a client certificate against the CA and the CRL, the way nginx will (exit 1 if it fails).
 
-    \b
     The certificate must be a client certificate (extended key usage clientAuth, read from the
     certificate itself): nginx refuses a server certificate as a client ("unsuitable certificate
     purpose"), and so does this. Then it runs the guide's debugging command with the CRL and purpose:
-      openssl verify -purpose sslclient -crl_check -CAfile ca/ca.crt -CRLfile crl/ca.crl certs/NAME.crt
+
+    \b
+      openssl verify -purpose sslclient -crl_check \\
+          -CAfile ca/ca.crt -CRLfile crl/ca.crl certs/NAME.crt
 
     \b
     Examples:
@@ -720,7 +732,8 @@ def verify(
     from mtlsctl import lifecycle
 
     settings = _settings(ctx)
-    result = lifecycle.verify(settings, name, _runner(), purpose="server" if server else "client")
+    with _reading(settings):
+        result = lifecycle.verify(settings, name, _runner(), purpose="server" if server else "client")
     if as_json:
         _print_json({"name": result.name, "ok": result.ok, "verdict": result.verdict, "message": result.message,
                      "openssl_output": result.openssl_output})
@@ -741,7 +754,6 @@ def sign_csr(
 ) -> None:
     """Sign a CSR generated elsewhere, so the private key never leaves the device.
 
-    \b
     The CSR is read once, parsed (never from openssl's text) and its self-signature verified. It is
     refused, with every reason named, if it asks for CA:TRUE, keyCertSign/cRLSign, nameConstraints,
     certificate policies, AIA or CRL distribution points, an extended key usage other than clientAuth,
@@ -754,7 +766,9 @@ def sign_csr(
 
     \b
     Example (on the device, then on the CA host):
-      openssl req -new -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout dev.key -subj /CN=sensor-9 -out sensor-9.csr
+      openssl req -new -newkey ec -pkeyopt ec_paramgen_curve:P-256 \\
+          -nodes -keyout dev.key -subj /CN=sensor-9 -out sensor-9.csr
+      mtlsctl sign-csr sensor-9.csr --name sensor-9 --dry-run
       mtlsctl sign-csr sensor-9.csr --name sensor-9
     """
     from mtlsctl import csr
@@ -804,7 +818,8 @@ def doctor(
     from mtlsctl.doctor import run_doctor
 
     settings = _settings(ctx)
-    findings = run_doctor(settings, _runner())
+    with _reading(settings):
+        findings = run_doctor(settings, _runner())
     healthy = all(f.level == "ok" for f in findings)
     if as_json:
         _print_json({"healthy": healthy, "findings": [f.to_json() for f in findings]})
@@ -815,6 +830,71 @@ def doctor(
                 print(f"{'':<14} fix: {f.fix}")
         print("healthy" if healthy else f"{sum(f.level != 'ok' for f in findings)} problem(s)")
     if not healthy:
+        raise typer.Exit(1)
+
+
+@app.command()
+def recover(
+    ctx: typer.Context,
+    discard: bool = typer.Option(False, "--discard", help="Drop the journal without rolling anything back (after a look at it)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Only show what the journal would roll back; change nothing."),
+    as_json: bool = typer.Option(False, "--json", help="Print state, reason, pid, remove, restore, new_files and action as JSON."),
+) -> None:
+    """Show and roll back the journal an interrupted run left; drop one mtlsctl will not act on (--discard).
+
+    \b
+    Any command rolls a sound journal back by itself. A journal that names an absolute path, `..`, a
+    symbolic link, a setuid/setgid/sticky or group/other-writable mode (a private/ file above 600), or
+    that is truncated or of the wrong shape, is never acted on: commands that change the PKI refuse to
+    run (readers warn) until a person has looked at it here. Exit 1 while such a journal is left.
+
+    \b
+    Examples:
+      mtlsctl recover --dry-run     # what it would remove and put back
+      mtlsctl recover               # roll a sound journal back now
+      mtlsctl recover --discard     # drop a journal mtlsctl refuses; then check: mtlsctl doctor
+    """
+    from mtlsctl import files
+
+    if discard and dry_run:
+        raise InputError("--discard and --dry-run exclude each other", hint="look first with --dry-run, then --discard")
+    settings = _settings(ctx, recover=False)
+    root = settings.pki.root
+    view, action = files.JournalView("none", root / files.JOURNAL_DIR), "none"
+    if root.is_dir():
+        with files.pki_lock(settings.pki.lock_path, recover_journal=False):
+            view = files.inspect_journal(root)
+            if view.state == "none" or dry_run:
+                action = "none"
+            elif discard or view.state == "committed":
+                files.discard_journal(root)
+                action = "discarded" if view.state != "committed" else "cleaned"
+            elif view.state == "sound":
+                files.recover(root)
+                action = "rolled_back"
+            else:
+                action = "refused"
+    if as_json:
+        _print_json({**view.to_json(), "action": action})
+    elif view.state == "none":
+        print("no interrupted run: nothing to recover")
+    else:
+        head = {"sound": "an interrupted run's journal", "committed": "a committed run's leftovers",
+                "damaged": "a journal mtlsctl does not trust"}[view.state]
+        print(f"{head} in {view.path}" + (f" (pid {view.pid})" if view.pid is not None else ""))
+        if view.reason:
+            print(f"  not trusted: {view.reason}")
+        verb = "names (unchecked)" if view.state == "damaged" else "removes"
+        for label, items in ((f"{verb} as created", view.remove), ("puts back" if view.state != "damaged" else
+                              "names as changed", view.restore), ("removes as new", view.new_files)):
+            for item in items:
+                print(f"  {label}: {item}")
+        print({"none": "dry run: nothing changed", "cleaned": "committed leftovers removed",
+               "rolled_back": "rolled back", "refused": "nothing was done",
+               "discarded": "journal dropped, nothing rolled back: check the PKI with `mtlsctl doctor`"}[action])
+    if action == "refused" or (view.state == "damaged" and action == "none"):
+        if not as_json:
+            raise files.JournalError(root, view.reason)
         raise typer.Exit(1)
 
 
@@ -857,22 +937,27 @@ PASSFD_HELP = "Read the passphrase from descriptor N (e.g. 3<pass.txt)."
 @app.command()
 def backup(
     ctx: typer.Context,
-    out: Path = typer.Option(..., "--out", metavar="FILE", help="The backup file to create (never overwritten)."),
+    out: Path = typer.Option(..., "--out", metavar="FILE", help="The backup file to create (never overwritten); "
+                             "a directory: a new pki-backup-DATE-TIME.tgz[.enc] in it."),
     passphrase_file: Path | None = typer.Option(None, "--passphrase-file", metavar="FILE", help=PASSFILE_HELP),
     passphrase_fd: int | None = typer.Option(None, "--passphrase-fd", metavar="N", help=PASSFD_HELP),
     encrypt: bool = typer.Option(False, "--encrypt", help="Encrypt, asking for the passphrase on the terminal."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
-    """Back up the whole PKI (CA key included) as a tar with modes kept, encrypted when given a passphrase.
+    """Back up the whole PKI (CA key included) as a tar, encrypted when given a passphrase; read back before success.
 
     \b
-    Encryption: openssl enc -aes-256-cbc -pbkdf2 (the passphrase travels on openssl's stdin).
-    The file is written with mode 600. Taken under the lock: a consistent copy.
+    Encryption: the tar streams into openssl enc -aes-256-cbc -pbkdf2 (the passphrase on a pipe,
+    never argv): no plaintext byte reaches the disk. The file is mode 600, written under a temporary
+    name next to --out, read back (decrypted to a pipe) and compared, then renamed; never replaces a
+    file. Taken under the lock: a consistent copy. Holds only what restore accepts: a symlink, FIFO or
+    device in the PKI is refused (named); the lock and journal are left out; so is anything outside
+    the PKI layout (reported). Modes are archived as restore sets them.
 
     \b
     Examples:
       mtlsctl backup --out /root/pki-$(date +%F).tgz.enc --passphrase-file /root/.pki-backup-pass
-      mtlsctl backup --out /mnt/usb/pki.tgz.enc --encrypt
+      mtlsctl backup --out /mnt/usb/ --encrypt
     """
     from mtlsctl.backup import backup as do_backup
 
@@ -880,9 +965,19 @@ def backup(
     passphrase = _read_passphrase(passphrase_file, passphrase_fd, prompt=encrypt, confirm=True)
     result = do_backup(settings, out, passphrase, _runner())
     if as_json:
-        _print_json({"backup": str(result.path), "files": result.files, "encrypted": result.encrypted})
-    else:
-        print(f"Backed up {result.files} files to {result.path} ({'encrypted' if result.encrypted else 'NOT encrypted: it holds the CA key'})")
+        _print_json({"backup": str(result.path), "files": result.files, "encrypted": result.encrypted, "verified": True,
+                     "note": result.note,
+                     "skipped": [{"path": p, "reason": why} for p, why in result.skipped],
+                     "modes": [{"path": p, "on_disk": f"{a:o}", "archived": f"{b:o}"} for p, a, b in result.normalised]})
+        return
+    if result.note:
+        _info(result.note)
+    for p, why in result.skipped:
+        _info(f"left out: {p} ({why})")
+    for p, a, b in result.normalised:
+        _info(f"mode: {p} is {a:o} in the PKI, archived as {b:o} (what restore sets)")
+    print(f"Backed up {result.files} files to {result.path}, read back and checked "
+          f"({'encrypted' if result.encrypted else 'NOT encrypted: it holds the CA key'})")
 
 
 @app.command()
@@ -897,13 +992,17 @@ def restore(
     """Restore a backup into a new PKI directory, then run doctor on it.
 
     \b
-    Refuses a directory that is not empty. openssl.cnf's dir and mtls.yaml's pki_dir are pointed
-    at the new place.
+    Refuses a directory that is not empty, and the whole archive (nothing written) if it holds a
+    link, device, FIFO, absolute name, `..` or anything outside the PKI layout. Never restores
+    mtlsctl's lock or journal (skipped). Modes are clamped: no setuid/setgid/sticky, nothing
+    group/other-writable, private/ 700 and its files 600, ca.key and root.key 400. Every `dir` of
+    openssl.cnf and mtls.yaml's pki_dir are pointed at the new place. Each change is reported.
 
     \b
     Example:
       mtlsctl restore /mnt/usb/pki.tgz.enc --pki-dir /etc/nginx/pki --passphrase-file /root/.pki-backup-pass
     """
+    from mtlsctl.backup import is_encrypted
     from mtlsctl.backup import restore as do_restore
     from mtlsctl.doctor import run_doctor
     from mtlsctl.pki import resolve_settings
@@ -912,21 +1011,39 @@ def restore(
     target = pki_dir or opts.pki_dir
     if target is None:
         raise InputError("restore needs --pki-dir DIR", hint="e.g. mtlsctl restore FILE --pki-dir /etc/nginx/pki")
-    encrypted = backup_file.is_file() and backup_file.open("rb").read(8) == b"Salted__"
-    passphrase = _read_passphrase(passphrase_file, passphrase_fd, prompt=encrypted, confirm=False,
+    passphrase = _read_passphrase(passphrase_file, passphrase_fd, prompt=is_encrypted(backup_file), confirm=False,
                                   what="passphrase for the encrypted backup")
     result = do_restore(backup_file, target, passphrase, _runner())
-    findings = run_doctor(resolve_settings(result.pki_dir, None, environ={}), _runner())
+    try:
+        findings = run_doctor(resolve_settings(result.pki_dir, None, environ={}), _runner())
+        doctor_error = ""
+    except MtlsError as exc:  # the files are restored; say why doctor could not look at them
+        findings, doctor_error = [], exc.message
     errors = [f for f in findings if f.level == "error"]
     if as_json:
-        _print_json({"pki_dir": str(result.pki_dir), "files": result.files, "doctor": [f.to_json() for f in findings]})
+        _print_json({"pki_dir": str(result.pki_dir), "files": result.files,
+                     "clamped": [{"path": p, "archived": f"{a:o}", "restored": f"{b:o}"} for p, a, b in result.clamped],
+                     "skipped": [{"member": m, "reason": why} for m, why in result.skipped],
+                     "repointed": result.repointed, "warnings": result.warnings,
+                     "doctor": [f.to_json() for f in findings], **({"doctor_error": doctor_error} if doctor_error else {})})
     else:
         print(f"Restored {result.files} files into {result.pki_dir}")
+        for p, a, b in result.clamped:
+            print(f"mode     {p}: {a:o} in the archive, restored as {b:o}")
+        for m, why in result.skipped:
+            print(f"skipped  {m} ({why})")
+        for line in result.repointed:
+            print(f"changed  {line}")
+        for line in result.warnings:
+            print(f"WARN     {line}")
         for f in findings:
             if f.level != "ok":
                 print(f"{f.level.upper():<5} {f.check:<8} {f.message}\n{'':<14} fix: {f.fix}")
-        print("doctor: healthy" if not [f for f in findings if f.level != "ok"] else "doctor: see above")
-    if errors:
+        if doctor_error:
+            print(f"doctor could not run: {doctor_error}")
+        else:
+            print("doctor: healthy" if not [f for f in findings if f.level != "ok"] else "doctor: see above")
+    if errors or doctor_error:
         raise typer.Exit(1)
 
 
@@ -1008,7 +1125,8 @@ def ocsp_serve(
     A systemd unit is in docs/systemd/mtlsctl-ocsp.service. Its pid is kept in <pki>/ocsp.pid, so that
     `mtlsctl revoke` can prime it (its first answer after a change is stale). mtlsctl supervises it:
     OpenSSL 3.0's responder stops answering after a connection that sends no request (a port probe),
-    so a responder that fails a health request is restarted.
+    so a responder that does not answer a health request is restarted (waiting 0.5 s, doubling up to
+    60 s while it keeps failing); it is also restarted when `renew` replaces its signer certificate.
 
     \b
     Example:
@@ -1033,10 +1151,11 @@ def ocsp_check(
     name: str = typer.Argument(..., help="Client name (asks about certs/NAME.crt)."),
     as_json: bool = typer.Option(False, "--json", help="Print name and status as JSON."),
 ) -> None:
-    """Ask the responder about a client: good, revoked, unknown or unreachable (exit 0 only for good).
+    """Ask the responder about a client: good, revoked, unknown, unverified or unreachable (exit 0 only for good).
 
     \b
     Runs: openssl ocsp -issuer ca/ca.crt -cert certs/NAME.crt -url URL -CAfile ca/ca.crt
+    (two-tier PKI: -CAfile ca/chain.pem). unverified: it answered, but not verifiably.
 
     \b
     Example:
@@ -1049,7 +1168,7 @@ def ocsp_check(
     if as_json:
         _print_json({"name": name, "status": status})
     else:
-        print(f"{name}: {status}" + (f" ({detail})" if status == "unreachable" else ""))
+        print(f"{name}: {status}" + (f" ({detail})" if status in ("unreachable", "unverified") else ""))
     if status != "good":
         raise typer.Exit(1)
 
@@ -1271,6 +1390,32 @@ def demo(
 
 class DemoFailed(MtlsError):
     pass
+
+
+def _reflow(doc: str | None) -> str | None:
+    """Join the lines of each prose paragraph of a docstring, so rich wraps it to the terminal; a
+    paragraph that starts with \\b (examples, commands to paste) keeps its lines as written."""
+    if not doc:
+        return doc
+    def is_block(paragraph: str) -> bool:  # \b with indented lines (examples, commands); \b prose is re-flowed
+        lines = paragraph.split("\n")
+        return lines[0].strip() == "\b" and any(line.startswith(" ") for line in lines[1:])
+
+    paragraphs = inspect.cleandoc(doc).split("\n\n")
+    return "\n\n".join(p if is_block(p) else " ".join(line.strip() for line in p.replace("\b", "").splitlines()).strip()
+                        for p in paragraphs)
+
+
+def _reflow_help(typer_app: typer.Typer) -> None:
+    for command in typer_app.registered_commands:
+        if command.callback is not None and command.help is None:
+            command.callback.__doc__ = _reflow(command.callback.__doc__)
+    for group in typer_app.registered_groups:
+        if group.typer_instance is not None:
+            _reflow_help(group.typer_instance)
+
+
+_reflow_help(app)
 
 
 def _on_sigterm(signum: int, frame: object) -> NoReturn:

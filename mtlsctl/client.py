@@ -9,13 +9,28 @@ from __future__ import annotations
 
 import os
 import secrets
+import shutil
+import tempfile
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
 from mtlsctl import db, openssl, validate
 from mtlsctl.errors import InputError, MtlsError, StateError
-from mtlsctl.files import MODE_PUBLIC, MODE_SECRET, Transaction, atomic_write, normalize_modes, pki_lock, produce, protect_database
+from mtlsctl.files import (
+    MODE_PUBLIC,
+    MODE_SECRET,
+    Transaction,
+    atomic_write,
+    chmod_nofollow,
+    create_exclusive,
+    normalize_modes,
+    pki_lock,
+    produce,
+    protect_database,
+    read_lock,
+    refuse_symlink,
+)
 from mtlsctl.pki import DB_FILES_WITH_BACKUPS, ClientFiles, Pki, Settings
 from mtlsctl.profile import KeySpec
 from mtlsctl.runner import Command, Runner
@@ -85,12 +100,17 @@ def build_request(settings: Settings, name: str, *, days: int | None = None, key
         raise InputError(f"--p12 {p12!r} is not a PKCS#12 profile", hint="use compat, modern or legacy")
     if password is not None:
         validate.password(password, source="the password option")
+    checked_sans = validate.sans(list(sans))
+    wildcards = [s for s in checked_sans if s.startswith("DNS:*")]
+    if wildcards and kind != "server":
+        raise InputError(f"SAN {wildcards[0]} is a wildcard; wildcards are issued to servers only",
+                         hint="name each host (--san DNS:host.example.com), or use add-server for a wildcard server certificate")
     return IssueRequest(
         name=validate.client_name(name, role=kind),
         days=validate.days(days if days is not None else clients.days),
         key=key,
         p12=p12 or clients.p12,
-        sans=tuple(validate.sans(list(sans))),
+        sans=tuple(checked_sans),
         password=password,
         kind=kind,
     )
@@ -141,11 +161,17 @@ def refuse_conflicts(pki: Pki, name: str) -> None:
                 f"{name!r} differs only in case from {holder!r}, which has an active certificate (serial {serials})",
                 hint="names are unique regardless of case (nginx allowlists compare them without case); pick another name",
             )
+        has_key = pki.path(ClientFiles(name).key).exists()
         raise InputError(
             f"{name!r} already has an active certificate (serial {serials})",
-            hint=f"revoke it first, or renew it; to make a new bundle use `mtlsctl export {name}`",
+            hint=(f"revoke it first, or renew it; to make a new bundle use `mtlsctl export {name}`" if has_key else
+                  f"revoke it first (mtlsctl revoke {name}), or renew it (mtlsctl renew); its key is not on this host"),
         )
-    existing = [rel for rel in ClientFiles(name).all() if pki.path(rel).exists()]
+    links = [rel for rel in (*ClientFiles(name).all(), f"private/{name}.p12.password") if pki.path(rel).is_symlink()]
+    if links:  # a dangling one too: openssl would create its target wherever it points
+        raise InputError(f"{pki.path(links[0])} is a symbolic link; mtlsctl never writes through one",
+                         hint="remove it: mtlsctl creates the files of a client itself")
+    existing = [rel for rel in ClientFiles(name).all() if os.path.lexists(pki.path(rel))]
     if existing:
         raise InputError(
             f"files for {name!r} already exist: {', '.join(existing)}",
@@ -158,23 +184,26 @@ def sign_into_database(pki: Pki, cmd: Command, name: str, crt: str, runner: Runn
 
     FIELD-NOTES: exit code 0 alone proves nothing (without a lock, parallel runs lost rows). The new
     serial must be in index.txt as V with CN=name, and newcerts/SERIAL.pem must be the file we got.
-    The database files are snapshotted first and restored if anything fails.
+    The database files and the names in newcerts/ are recorded first; a failure restores the database
+    and removes whatever file appeared in newcerts/. The serial is read the way openssl writes it
+    (`serial` = 00FF gives index row FF and newcerts/FF.pem).
     """
     protect_database(pki.root, tx)
     serial = db.read_serial(pki.path(pki.serial))
-    tx.may_create(pki.path(f"newcerts/{serial}.pem"), pki.path(crt))
+    newcert = db.newcert_path(serial)
+    tx.may_create(pki.path(newcert), pki.path(crt))  # openssl writes both: a symlink at either is refused first
     runner.run(cmd, cwd=pki.root)
     normalize_modes(pki.root, DB_FILES_WITH_BACKUPS)
-    normalize_modes(pki.root, (f"newcerts/{serial}.pem",))
+    normalize_modes(pki.root, (newcert,))
     rows = [r for r in db.read_index(pki.path(pki.index)) if r.serial == serial]
     if len(rows) != 1 or rows[0].status != "V" or rows[0].cn != name:
         raise StateError(
             f"openssl ca exited 0 but serial {serial} for {name} is not (uniquely) in index.txt",
             hint="the database was restored; run the command again",
         )
-    if not db.same_certificate(pki.path(crt), pki.path(f"newcerts/{serial}.pem")):
-        raise StateError(f"{crt} does not match newcerts/{serial}.pem", hint="the database was restored; run the command again")
-    os.chmod(pki.path(crt), MODE_PUBLIC)
+    if not db.same_certificate(pki.path(crt), pki.path(newcert)):
+        raise StateError(f"{crt} does not match {newcert}", hint="the database was restored; run the command again")
+    chmod_nofollow(pki.path(crt), MODE_PUBLIC)
     return rows[0]
 
 
@@ -194,11 +223,36 @@ def write_fullchain(pki: Pki, name: str, tx: Transaction) -> str:
 
 
 def write_p12(pki: Pki, name: str, out: str, password: str, profile: str, runner: Runner, tx: Transaction) -> None:
-    """Export the bundle (mode 600), then read it back with the password."""
+    """Export the bundle to a new file `out` (created by mtlsctl first, mode 600), then read it back with the password."""
     files = ClientFiles(name)
     export = openssl.pkcs12_export(name, files.key, files.crt, out, password, profile, pki.ca_bundle)
     produce(tx, pki.path(out), MODE_SECRET, lambda: runner.run(export, cwd=pki.root))
     runner.run(openssl.pkcs12_check(out, password, profile), cwd=pki.root)
+
+
+P12_WORKDIR = "private/.p12-XXXXXXXX"  # what --dry-run shows for the directory build_p12 uses
+
+
+def p12_workdir(pki: Pki, name: str, tx: Transaction) -> Path:
+    """A private directory (0700, unpredictable name, in private/) for one bundle openssl writes, journaled
+    with the bundle inside it: a kill leaves nothing, a replaced bundle never has a predictable temp name."""
+    workdir = Path(tempfile.mkdtemp(prefix=".p12-", dir=pki.path("private")))
+    tx.created(workdir, workdir / f"{name}.p12")
+    return workdir
+
+
+def build_p12(pki: Pki, name: str, password: str, profile: str, runner: Runner, workdir: Path) -> bytes:
+    """Export NAME's bundle into `workdir` (from p12_workdir), read it back with the password, return its bytes.
+
+    mtlsctl puts the bytes where they belong itself (atomic_write: mkstemp in the target directory, fchmod,
+    fsync, rename), so openssl never writes into a shared directory such as export --out's.
+    """
+    files = ClientFiles(name)
+    rel = f"{os.path.relpath(workdir, pki.root)}/{name}.p12"
+    os.close(create_exclusive(pki.path(rel), MODE_SECRET))
+    runner.run(openssl.pkcs12_export(name, files.key, files.crt, rel, password, profile, pki.ca_bundle), cwd=pki.root)
+    runner.run(openssl.pkcs12_check(rel, password, profile), cwd=pki.root)
+    return pki.path(rel).read_bytes()
 
 
 def issue_client(settings: Settings, req: IssueRequest, runner: Runner) -> IssueResult:
@@ -210,8 +264,9 @@ def issue_client(settings: Settings, req: IssueRequest, runner: Runner) -> Issue
         IssuedButExportFailed: the certificate exists; only the bundle failed (run `export`).
     """
     pki = settings.pki
-    pki.require_ca()
-    refuse_conflicts(pki, req.name)
+    with read_lock(pki.root, writer=True):  # first checks (exit 2 before anything); again under the writer's lock below
+        pki.require_ca()
+        refuse_conflicts(pki, req.name)
     require_section(pki, req.extensions)
     password = req.password if req.password is not None else generate_password()
     files = ClientFiles(req.name)
@@ -267,7 +322,7 @@ def current_row(pki: Pki, name: str) -> db.IndexRow:
     if not crt.exists():
         raise InputError(f"no certificate for {name!r} ({files.crt} missing)", hint="see `mtlsctl list`, or issue one with add-client")
     for row in reversed(db.read_index(pki.path(pki.index))):
-        if row.cn == name and db.same_certificate(crt, pki.path(f"newcerts/{row.serial}.pem")):
+        if row.cn == name and db.same_certificate(crt, pki.path(db.newcert_path(row.serial))):
             return row
     raise StateError(f"{files.crt} is not in this CA's database", hint="it was not issued by this PKI")
 
@@ -282,11 +337,17 @@ def export_client(settings: Settings, name: str, *, p12: str | None, password: s
         raise InputError(f"--p12 {profile!r} is not a PKCS#12 profile", hint="use compat, modern or legacy")
     if password is not None:
         validate.password(password, source="the password option")
-    pki.require_ca()
+    with read_lock(pki.root, writer=True):
+        pki.require_ca()
     files = ClientFiles(name)
     target = (out if out is not None else pki.path(files.p12)).absolute()
+    if out is not None and target.is_dir() and not target.is_symlink():
+        target = target / f"{name}.p12"  # --out DIR: the bundle's usual name in that directory
+    refuse_symlink(target)  # a link planted at --out (or certs/NAME.p12) is refused by name, before openssl runs
     if target.exists() and not force:
         raise InputError(f"{target} already exists", hint="add --force to replace it, or --out to write elsewhere")
+    if not target.parent.is_dir():
+        raise InputError(f"--out {target}: directory {target.parent} does not exist")
     if not pki.path(files.key).exists():
         raise InputError(f"no private key for {name!r} ({files.key} missing)", hint="a bundle needs the key; a CSR signed elsewhere has none here")
     secret = password if password is not None else generate_password()
@@ -295,11 +356,21 @@ def export_client(settings: Settings, name: str, *, p12: str | None, password: s
         if not row.is_active():
             state = "revoked" if row.status == "R" else "expired"
             raise InputError(f"the certificate of {name!r} (serial {row.serial}) is {state}", hint=f"issue a new one: mtlsctl add-client {name}")
-        tmp = target.parent / f".{target.name}.tmp"
-        tmp_rel = os.path.relpath(tmp, pki.root)
-        write_p12(pki, name, tmp_rel, secret, profile, runner, tx)
+        from mtlsctl.x509read import kind_of, read_certificate
+
+        kind = kind_of(read_certificate(pki.path(files.crt)))
+        if kind != "client":
+            raise InputError(f"{name!r} is not a client certificate (its extended key usage says {kind}); no bundle is made for it",
+                             hint="a PKCS#12 bundle carries a client's key to a device; a server's key stays on the server")
+        # openssl writes into a private directory of the PKI; mtlsctl then writes the bytes to an unpredictable
+        # mkstemp name next to the target (never followed) and renames it into place.
+        workdir = p12_workdir(pki, name, tx)
+        try:
+            data = build_p12(pki, name, secret, profile, runner, workdir)
+        finally:
+            shutil.rmtree(workdir, ignore_errors=True)
         tx.snapshot(target)
-        os.replace(tmp, target)
+        atomic_write(target, data, MODE_SECRET)
     return ExportResult(name, row.serial, target, profile, None if password is not None else secret)
 
 
@@ -342,14 +413,12 @@ def issue_batch(settings: Settings, names: list[str], runner: Runner, *, days: i
     """
     from concurrent.futures import ThreadPoolExecutor
 
-    from mtlsctl.files import MODE_SECRET as SECRET
-    from mtlsctl.files import atomic_write
-
     pki = settings.pki
-    pki.require_ca()
     reqs = [build_request(settings, name, days=days, key_type=key_type, p12=p12) for name in names]
-    for req in reqs:
-        refuse_conflicts(pki, req.name)
+    with read_lock(pki.root, writer=True):
+        pki.require_ca()
+        for req in reqs:
+            refuse_conflicts(pki, req.name)
     if reqs:
         require_section(pki, reqs[0].extensions)
     workers = workers or os.cpu_count() or 1
@@ -357,16 +426,19 @@ def issue_batch(settings: Settings, names: list[str], runner: Runner, *, days: i
     with pki_lock(pki.lock_path), Transaction(pki.root) as tx:
         for req in reqs:
             refuse_conflicts(pki, req.name)
+        for req in reqs:  # mtlsctl creates each output first (O_EXCL|O_NOFOLLOW); openssl writes into it
             files = ClientFiles(req.name)
-            tx.may_create(pki.path(files.key), pki.path(files.csr))
+            tx.created(pki.path(files.key), pki.path(files.csr))
+            for rel, mode in ((files.key, MODE_SECRET), (files.csr, MODE_SECRET)):
+                os.close(create_exclusive(pki.path(rel), mode))
 
         def make_key_and_csr(req: IssueRequest) -> None:
             keygen, csr = issue_commands(req)[:2]
             files = ClientFiles(req.name)
             runner.run(keygen, cwd=pki.root)
-            os.chmod(pki.path(files.key), MODE_SECRET)
+            chmod_nofollow(pki.path(files.key), MODE_SECRET)
             runner.run(csr, cwd=pki.root)
-            os.chmod(pki.path(files.csr), MODE_PUBLIC)
+            chmod_nofollow(pki.path(files.csr), MODE_PUBLIC)
 
         with ThreadPoolExecutor(max_workers=workers) as pool:
             list(pool.map(make_key_and_csr, reqs))  # the first failure is raised here: the whole batch is undone
@@ -377,25 +449,36 @@ def issue_batch(settings: Settings, names: list[str], runner: Runner, *, days: i
             sign = openssl.ca_sign(files.csr, files.crt, req.days, extensions=req.extensions)
             row = sign_into_database(pki, sign, req.name, files.crt, runner, tx)
             rows[req.name] = row
-            tx.keep([pki.path(files.key), pki.path(files.csr), pki.path(files.crt), pki.path(f"newcerts/{row.serial}.pem")])
+            tx.keep([pki.path(files.key), pki.path(files.csr), pki.path(files.crt)])
         tx.checkpoint()
 
-    passwords = {req.name: generate_password() for req in reqs}
+        # The bundles, still under the lock: openssl in parallel, each into its own private directory (journaled
+        # before the threads start); then this thread puts each bundle and its password file in place.
+        passwords = {req.name: generate_password() for req in reqs}
+        workdirs = {req.name: p12_workdir(pki, req.name, tx) for req in reqs}
 
-    def bundle(req: IssueRequest) -> tuple[str, str | None]:
-        files = ClientFiles(req.name)
-        tmp = f"certs/.{req.name}.p12.tmp"
-        try:
-            with Transaction() as ptx:
-                write_p12(pki, req.name, tmp, passwords[req.name], req.p12, runner, ptx)
-                atomic_write(pki.path(f"private/{req.name}.p12.password"), passwords[req.name] + "\n", SECRET)
-                os.replace(pki.path(tmp), pki.path(files.p12))
-        except MtlsError as exc:
-            return req.name, exc.message
-        return req.name, None
+        def bundle(req: IssueRequest) -> tuple[str, bytes | str]:
+            try:
+                return req.name, build_p12(pki, req.name, passwords[req.name], req.p12, runner, workdirs[req.name])
+            except MtlsError as exc:
+                return req.name, exc.message
 
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        outcomes = dict(pool.map(bundle, reqs))
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            built = dict(pool.map(bundle, reqs))
+        outcomes: dict[str, str | None] = {}
+        for req in reqs:
+            data = built[req.name]
+            shutil.rmtree(workdirs[req.name], ignore_errors=True)
+            if isinstance(data, str):
+                outcomes[req.name] = data
+                continue
+            password_file, bundle_file = pki.path(f"private/{req.name}.p12.password"), pki.path(ClientFiles(req.name).p12)
+            tx.snapshot(password_file, bundle_file)
+            atomic_write(password_file, passwords[req.name] + "\n", MODE_SECRET)
+            atomic_write(bundle_file, data, MODE_SECRET)
+            outcomes[req.name] = None
+        tx.checkpoint()
+
     for req in reqs:
         files, row = ClientFiles(req.name), rows[req.name]
         error = outcomes[req.name]

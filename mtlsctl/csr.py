@@ -29,7 +29,7 @@ from pathlib import Path
 from mtlsctl import db, openssl, validate, x509read
 from mtlsctl.client import extensions_section, refuse_conflicts, require_section, sign_into_database
 from mtlsctl.errors import InputError, StateError
-from mtlsctl.files import MODE_PUBLIC, Transaction, atomic_write, pki_lock
+from mtlsctl.files import MODE_PUBLIC, Transaction, atomic_write, pki_lock, read_lock
 from mtlsctl.pki import ClientFiles, Pki, Settings
 from mtlsctl.runner import Command, Runner
 
@@ -370,7 +370,8 @@ def sign_csr(settings: Settings, csr_path: Path, name: str, days: int | None, ru
     review = inspect(settings, csr_path, name)
     require_section(pki, extensions_section("client", review.key.type))
     files = ClientFiles(name)
-    refuse_conflicts(pki, name)
+    with read_lock(pki.root, writer=True):
+        refuse_conflicts(pki, name)  # exit 2 before the lock; again under it below
     with pki_lock(pki.lock_path), Transaction(pki.root) as tx:
         refuse_conflicts(pki, name)
         tx.created(pki.path(files.csr))

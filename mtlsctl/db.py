@@ -15,6 +15,38 @@ from pathlib import Path
 from mtlsctl.errors import StateError
 
 _PEM_RE = re.compile(r"-----BEGIN CERTIFICATE-----\s.*?-----END CERTIFICATE-----", re.S)
+_HEX = frozenset("0123456789ABCDEF")
+
+
+def normalize_serial(text: str) -> str:
+    """A serial as openssl spells it in index.txt and names it in newcerts/: upper-case hex without leading
+    zero bytes, even length (`00FF` -> `FF`, `0100` stays, `0` -> `00`).
+
+    FIELD-NOTES: a `serial` file of `00FF` makes openssl write `newcerts/FF.pem` and an index row `FF`.
+    Every reader of `serial`, index.txt and newcerts/ compares serials in this form. Raises ValueError
+    for anything that is not hex.
+    """
+    value = text.strip().upper()
+    if not value or not set(value) <= _HEX:
+        raise ValueError(f"{text!r} is not a hexadecimal serial")
+    value = value.lstrip("0")
+    return value.zfill(len(value) + len(value) % 2) if value else "00"
+
+
+def newcert_path(serial: str) -> str:
+    """Where `openssl ca` keeps the certificate with this serial (relative to the PKI): newcerts/SERIAL.pem."""
+    return f"newcerts/{normalize_serial(serial)}.pem"
+
+
+def newcerts_serials(directory: Path) -> set[str]:
+    """The serials of the files in newcerts/ (normalised; names that are not SERIAL.pem are skipped)."""
+    out = set()
+    for path in directory.glob("*.pem"):
+        try:
+            out.add(normalize_serial(path.stem))
+        except ValueError:
+            continue
+    return out
 
 
 def parse_asn1_time(text: str) -> datetime:
@@ -63,7 +95,12 @@ def parse_index(text: str, source: str = "index.txt") -> list[IndexRow]:
             revoked_at = parse_asn1_time(date)
             reason = why or "unspecified"
         try:
-            rows.append(IndexRow(status, parse_asn1_time(expiry), revoked_at, reason, serial.upper(), subject))
+            serial = normalize_serial(serial)
+        except ValueError:
+            raise StateError(f"{source} line {lineno} has the serial {serial[:40]!r}, which is not hex",
+                             hint="restore index.txt from index.txt.old or a backup") from None
+        try:
+            rows.append(IndexRow(status, parse_asn1_time(expiry), revoked_at, reason, serial, subject))
         except ValueError:
             raise StateError(f"{source} line {lineno} has a date openssl would not write", hint="restore index.txt from a backup") from None
     return rows
@@ -74,11 +111,12 @@ def read_index(path: Path) -> list[IndexRow]:
 
 
 def read_serial(path: Path) -> str:
-    """The next serial `openssl ca` will use (the `serial` file), upper-case hex."""
+    """The next serial `openssl ca` will use (the `serial` file), as openssl will write it in index.txt and
+    name it in newcerts/ (normalised: a file holding `00FF` gives `FF`)."""
     text = path.read_text(encoding="ascii", errors="replace").strip().upper()
-    if not text or len(text) % 2 or not all(c in "0123456789ABCDEF" for c in text):
-        raise StateError(f"{path} holds {text!r}, not an even-length hex serial", hint="openssl ca needs e.g. 1000")
-    return text
+    if not text or len(text) % 2 or not set(text) <= _HEX:
+        raise StateError(f"{path} holds {text[:40]!r}, not an even-length hex serial", hint="openssl ca needs e.g. 1000")
+    return normalize_serial(text)
 
 
 def pem_certificate(text: str) -> str | None:

@@ -179,7 +179,8 @@ def check_database(settings: Settings) -> list[Finding]:
             out.append(Finding("database", "error", f"certs/{crt.name} is not in this CA's database",
                                "move it away if it is not ours; if it is, restore index.txt from a backup"))
     if pki.path(JOURNAL_DIR).exists():
-        out.append(Finding("database", "error", "an interrupted run left its journal", "run any mtlsctl command: it rolls it back"))
+        out.append(Finding("database", "error", "an interrupted run left its journal",
+                           "mtlsctl recover --dry-run (what it would roll back), then mtlsctl recover"))
     if not out:
         out.append(Finding("database", "ok", f"index.txt ({len(rows)} certificates) matches newcerts/ and certs/"))
     return out

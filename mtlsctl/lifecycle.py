@@ -12,12 +12,22 @@ import shutil
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 
-from mtlsctl import db, validate
+from mtlsctl import db, openssl, validate
 from mtlsctl.client import generate_password, write_fullchain
 from mtlsctl.crl import CrlInfo, generate_crl, is_due, read_crl_info, read_crl_info_or_none
-from mtlsctl.csr import read_request_file, review_request, sign_reviewed
+from mtlsctl.csr import check_renewal, read_request_file, review_request, sign_reviewed
 from mtlsctl.errors import InputError, MtlsError, StateError
-from mtlsctl.files import MODE_PUBLIC, MODE_SECRET, Transaction, atomic_write, normalize_modes, pki_lock, protect_database
+from mtlsctl.files import (
+    MODE_PUBLIC,
+    MODE_SECRET,
+    Transaction,
+    atomic_write,
+    create_exclusive,
+    normalize_modes,
+    pki_lock,
+    protect_database,
+    read_lock,
+)
 from mtlsctl.pki import DB_FILES_WITH_BACKUPS, ClientFiles, Pki, Settings
 from mtlsctl.runner import Command, Runner
 
@@ -122,7 +132,8 @@ def revoke(settings: Settings, *, name: str | None, serial_hex: str | None, why:
     pki = settings.pki
     now = now or datetime.now(timezone.utc)
     pki.require_ca()
-    select_for_revoke(pki, name, serial_hex)  # unknown name/serial: exit 2 before the lock
+    with read_lock(pki.root, writer=True):
+        select_for_revoke(pki, name, serial_hex)  # unknown name/serial: exit 2 before the lock
     with pki_lock(pki.lock_path), Transaction(pki.root) as tx:
         rows = select_for_revoke(pki, name, serial_hex)
         todo = [r for r in rows if r.status == "V" and r.is_active(now)]
@@ -258,7 +269,7 @@ def superseded_rows(rows: list[db.IndexRow], now: datetime) -> list[db.IndexRow]
 def _archive_name(pki: Pki, crt: str, now: datetime) -> str:
     base = f"{crt}.old.{now:%Y-%m-%d}"
     candidate, n = base, 1
-    while pki.path(candidate).exists():
+    while os.path.lexists(pki.path(candidate)):
         candidate, n = f"{base}.{n}", n + 1
     return candidate
 
@@ -271,7 +282,10 @@ def renew_commands(settings: Settings, row: db.IndexRow, days: int) -> tuple[str
     kind = cert_kind(settings.pki, row)
     if kind == "ocsp" and settings.profile.ocsp is not None:
         days = settings.profile.ocsp.signer_days
-    return kind, [sign_command("private/.sign-XXXXXX", ClientFiles(row.cn or "").crt, days)]
+    from mtlsctl.csr import ca_section
+
+    ca_name = ca_section(openssl.cnf_sections(settings.pki.path(settings.pki.openssl_cnf).read_text(errors="replace")))
+    return kind, [sign_command("private/.sign-XXXXXX", ClientFiles(row.cn or "").crt, days, ca_name)]
 
 
 def _allow_overlap(pki: Pki, tx: Transaction) -> None:
@@ -298,12 +312,15 @@ def _renew_one(settings: Settings, row: db.IndexRow, days: int, now: datetime, r
         days = settings.profile.ocsp.signer_days  # the OCSP signer keeps its short validity
     # The stored request is read once and reviewed like sign-csr's (it may have come from a device).
     review = review_request(read_request_file(pki.path(files.csr)), name, kind, source=files.csr)
+    check_renewal(review, pki.path(cert_file(pki, row)))
     with Transaction(pki.root) as tx:
         _allow_overlap(pki, tx)
         archived = _archive_name(pki, files.crt, now)
         source = cert_file(pki, row)
         tx.created(pki.path(archived))
-        shutil.copy2(pki.path(source), pki.path(archived))
+        data = pki.path(source).read_bytes()
+        with os.fdopen(create_exclusive(pki.path(archived), MODE_PUBLIC), "wb") as fh:  # created, never followed
+            fh.write(data)
         tx.snapshot(pki.path(files.crt))
         new_row = sign_reviewed(settings, review, files.crt, days, runner, tx)
         if kind == "server":
@@ -321,7 +338,7 @@ def _renew_one(settings: Settings, row: db.IndexRow, days: int, now: datetime, r
     if kind == "server":
         result.warning = f"server certificate: reload nginx to serve the new one ({ClientFiles(name).fullchain})"
     elif kind == "ocsp":
-        result.warning = "OCSP signer: restart `mtlsctl ocsp serve` to use the new one"
+        result.warning = "OCSP signer renewed: a running `mtlsctl ocsp serve` restarts its responder with it by itself"
     elif pki.path(files.key).exists():
         try:
             result.password = generate_password()
@@ -349,18 +366,20 @@ def _replace_p12(settings: Settings, name: str, password: str, runner: Runner) -
 
     The password goes to private/NAME.p12.password (0600), never to stdout by default.
     """
-    from mtlsctl.client import write_p12
+    from mtlsctl.client import build_p12, p12_workdir
 
     pki = settings.pki
     files = ClientFiles(name)
-    tmp = f"certs/.{name}.p12.tmp"
     password_file = f"private/{name}.p12.password"
     with Transaction(pki.root) as tx:
-        write_p12(pki, name, tmp, password, settings.profile.clients.p12, runner, tx)
-        tx.snapshot(pki.path(password_file))
+        workdir = p12_workdir(pki, name, tx)  # openssl writes into a private directory with an unpredictable name
+        try:
+            bundle = build_p12(pki, name, password, settings.profile.clients.p12, runner, workdir)
+        finally:
+            shutil.rmtree(workdir, ignore_errors=True)
+        tx.snapshot(pki.path(password_file), pki.path(files.p12))
         atomic_write(pki.path(password_file), password + "\n", MODE_SECRET)
-        tx.snapshot(pki.path(files.p12))
-        os.replace(pki.path(tmp), pki.path(files.p12))
+        atomic_write(pki.path(files.p12), bundle, MODE_SECRET)
         tx.checkpoint()
     return files.p12, password_file
 
@@ -378,8 +397,9 @@ def renew(settings: Settings, *, within_days: int | None = None, days: int | Non
     pki.require_ca()
     report = RenewReport()
     if dry_run:
-        report.due = due_for_renewal(db.read_index(pki.path(pki.index)), within, now)
-        report.crl = read_crl_info_or_none(pki, runner)
+        with read_lock(pki.root):
+            report.due = due_for_renewal(db.read_index(pki.path(pki.index)), within, now)
+            report.crl = read_crl_info_or_none(pki, runner)
         report.crl_regenerated = bool(report.due) or is_due(report.crl, profile.crl.refresh_within_days, now)
         return report
     with pki_lock(pki.lock_path):

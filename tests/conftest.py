@@ -70,10 +70,16 @@ def x509_text(path: Path) -> str:
 
 
 def tree(root: Path) -> dict[str, tuple[int, bytes]]:
-    """Every file under root with its mode and content (to prove nothing changed)."""
+    """Every file under root with its mode and content (to prove nothing changed).
+
+    The empty lock file `.mtlsctl.lock` is left out: taking the (shared) lock to read creates it, and it holds
+    no data; everything else, the journal included, counts."""
     out = {}
     for path in sorted(root.rglob("*")):
         rel = str(path.relative_to(root))
+        if rel == ".mtlsctl.lock":
+            assert path.is_file() and not path.is_symlink() and path.stat().st_size == 0, "the lock file holds no data"
+            continue
         if path.is_dir():
             out[rel + "/"] = (path.stat().st_mode & 0o7777, b"")
         else:

@@ -5,7 +5,13 @@ before or after step k; real kills at random moments. The next command rolls the
 the PKI is consistent: no orphan certificate, no lost key, a database openssl reads, and the
 operation can simply be run again.
 
-Concurrency: many add-client, revoke, crl and renew processes at once on one PKI.
+Kills inside the journal itself: a hook (`files._crash_point`, a no-op in mtlsctl) is replaced in the child
+process to SIGKILL it at the n-th time a named moment comes: a journal write half done (its temporary file
+written, not renamed), a journal written, a commit with the outputs fsynced but journal.json still there, a
+commit done but the journal directory not yet cleaned, and every step of a rollback.
+
+Concurrency: many add-client, revoke, crl and renew processes at once on one PKI; readers (`list`) racing
+writers never see index.txt half replaced.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import openssl, set_profile
+from .conftest import _copy_pki, openssl, run_cli, set_profile
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -225,3 +231,192 @@ def test_many_writers_at_once(fast_pki):
         assert re.search(rf"^V\t\d+Z\t\t{serial}\tunknown\t/CN=c{i}$", index, re.M)
     crl = openssl("crl", "-in", str(fast_pki / "crl/ca.crl"), "-noout", "-text").stdout
     assert crl.count("Serial Number:") == 3  # r1, r2 and the superseded s1
+
+
+# --------------------------------------------------------------------------- kills inside the journal
+
+KILL_HOOK = """
+import os, signal
+from mtlsctl import files
+
+point, nth, name = os.environ["MTLSCTL_KILL_AT"].split(":")
+hits = 0
+
+
+def crash_point(where, path=None):
+    global hits
+    if where == point and (not name or (path is not None and os.path.basename(os.fspath(path)) == name)):
+        hits += 1
+        if hits == int(nth):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+files._crash_point = crash_point
+if point == "cleanup":  # a kill while the journal directory is being removed, after its blobs went
+    def rmtree(path, *args, **kwargs):
+        for entry in sorted(os.listdir(path), key=lambda n: n == "journal.json"):
+            os.unlink(os.path.join(path, entry))
+            if entry != "journal.json":
+                os.kill(os.getpid(), signal.SIGKILL)
+        os.rmdir(path)
+    files.shutil.rmtree = rmtree
+from mtlsctl.cli import main
+
+main()
+"""
+
+
+def mtlsctl_killed_at(pki: Path, point: str, nth: int, *args: str, name: str = "", env: dict | None = None):
+    """Run mtlsctl with the hook: SIGKILL at the nth `point` (for `atomic-write`, only writes of `name`)."""
+    full = {**os.environ, "PYTHONPATH": str(REPO), "MTLSCTL_KILL_AT": f"{point}:{nth}:{name}", **(env or {})}
+    return subprocess.run([sys.executable, "-c", KILL_HOOK, "--pki-dir", str(pki), *args], capture_output=True,
+                          text=True, env=full, timeout=120)
+
+
+def fresh(template: Path, tmp_path: Path, label: str) -> Path:
+    pki = _copy_pki(template, tmp_path / label)
+    set_profile(pki, nginx={"reload_command": ""})
+    return pki
+
+
+JOURNAL_POINTS = [("atomic-write", "journal.json"), ("journal-written", ""), ("commit-synced", ""), ("committed", "")]
+
+
+@pytest.mark.parametrize("point,name", JOURNAL_POINTS, ids=[p for p, _ in JOURNAL_POINTS])
+def test_add_client_killed_at_every_moment_of_the_journal(_fast_ca_template, tmp_path, point, name):
+    """Killed while writing the journal, right after, at the commit: the next command (a reader) leaves a
+    consistent PKI, never a journal it refuses; the client is either wholly absent or issued."""
+    nth = 0
+    while True:
+        nth += 1
+        pki = fresh(_fast_ca_template, tmp_path, f"pki-{nth}")
+        res = mtlsctl_killed_at(pki, point, nth, "add-client", "victim", name=name)
+        if res.returncode == 0:
+            break
+        assert res.returncode == -signal.SIGKILL, (nth, res.returncode, res.stderr)
+        follow = mtlsctl(pki, "list", "--json")
+        assert follow.returncode == 0 and "cannot be trusted" not in follow.stderr, (nth, follow.stderr)
+        valid = assert_consistent(pki)
+        if valid == []:
+            assert not list((pki / "certs").glob("victim*")) and not (pki / "private/victim.key").exists()
+            again = mtlsctl(pki, "add-client", "victim")
+        else:
+            assert valid == ["victim"], valid
+            again = mtlsctl(pki, "export", "victim", "--force")
+        assert again.returncode == 0, (nth, again.stderr)
+        assert_consistent(pki)
+        shutil.rmtree(pki)
+    assert nth > 1, f"add-client never reached {point}"
+
+
+@pytest.mark.parametrize("point,name", JOURNAL_POINTS, ids=[p for p, _ in JOURNAL_POINTS])
+def test_revoke_killed_at_every_moment_of_the_journal(_fast_ca_template, tmp_path, point, name):
+    nth = 0
+    while True:
+        nth += 1
+        pki = fresh(_fast_ca_template, tmp_path, f"pki-{nth}")
+        assert mtlsctl(pki, "add-client", "lost").returncode == 0
+        res = mtlsctl_killed_at(pki, point, nth, "revoke", "lost", name=name)
+        if res.returncode == 0:
+            break
+        assert res.returncode == -signal.SIGKILL, (nth, res.returncode, res.stderr)
+        assert mtlsctl(pki, "list").returncode == 0
+        assert_consistent(pki)
+        again = mtlsctl(pki, "revoke", "lost")
+        assert again.returncode == 0, again.stderr
+        assert "Serial Number: 1000" in openssl("crl", "-in", str(pki / "crl/ca.crl"), "-noout", "-text").stdout
+        shutil.rmtree(pki)
+    assert nth > 1, f"revoke never reached {point}"
+
+
+def test_a_commit_killed_while_cleaning_up_is_still_a_commit(fast_pki):
+    """journal.json goes first (the commit point), the blobs after: a kill in between leaves a committed
+    directory, never a journal.json that names a deleted snapshot (which every later command would refuse)."""
+    set_profile(fast_pki, nginx={"reload_command": ""})
+    res = mtlsctl_killed_at(fast_pki, "cleanup", 1, "add-client", "victim")
+    assert res.returncode == -signal.SIGKILL
+    follow = mtlsctl(fast_pki, "add-client", "other")
+    assert follow.returncode == 0 and "cannot be trusted" not in follow.stderr, follow.stderr
+    assert sorted(assert_consistent(fast_pki)) == ["other", "victim"]  # the issuance was committed
+    assert mtlsctl(fast_pki, "export", "victim", "--force").returncode == 0
+
+
+@pytest.mark.parametrize("point", ["recover-step", "recovered"])
+def test_a_rollback_killed_half_way_is_finished_by_the_next_command(_fast_ca_template, tmp_path, injector, point):
+    """The rollback is idempotent and the journal goes last: killed at any step of it, the next command
+    does it again, to the end."""
+    nth = 0
+    while True:
+        nth += 1
+        pki = fresh(_fast_ca_template, tmp_path, f"pki-{nth}")
+        # signed by openssl, not yet confirmed: a journal with database snapshots, created files, newcerts/
+        res = mtlsctl(pki, "add-client", "victim", env=injector(3, "after"))
+        assert res.returncode == -signal.SIGKILL
+        assert (pki / ".mtlsctl.journal/journal.json").exists() and (pki / "newcerts/1000.pem").exists()
+        killed = mtlsctl_killed_at(pki, point, nth, "list", "--json")
+        if killed.returncode == 0:
+            break
+        assert killed.returncode == -signal.SIGKILL, (nth, killed.returncode, killed.stderr)
+        follow = mtlsctl(pki, "list", "--json")
+        assert follow.returncode == 0 and "rolled back an interrupted mtlsctl run" in follow.stderr, follow.stderr
+        assert assert_consistent(pki) == []
+        assert mtlsctl(pki, "add-client", "victim").returncode == 0
+        assert assert_consistent(pki) == ["victim"]
+        shutil.rmtree(pki)
+    assert nth > 1, f"the rollback never reached {point}"
+
+
+def test_a_kill_after_signing_serial_00FF_leaves_no_orphan(fast_pki, injector):
+    """openssl names the file newcerts/FF.pem for a `serial` of 00FF: the rollback removes whatever appeared
+    in newcerts/ (the listing taken before `openssl ca`), so no signed certificate is left unrevocable."""
+    set_profile(fast_pki, nginx={"reload_command": ""})
+    (fast_pki / "serial").write_text("00FF\n")
+    res = mtlsctl(fast_pki, "add-client", "victim", env=injector(3, "after"))
+    assert res.returncode == -signal.SIGKILL
+    assert (fast_pki / "newcerts/FF.pem").exists()
+    assert mtlsctl(fast_pki, "list").returncode == 0
+    assert list((fast_pki / "newcerts").iterdir()) == [] and (fast_pki / "index.txt").read_text() == ""
+    assert (fast_pki / "serial").read_text() == "00FF\n" and not (fast_pki / ".mtlsctl.journal").exists()
+    again = mtlsctl(fast_pki, "add-client", "victim", "--json")
+    assert again.returncode == 0 and json.loads(again.stdout)["serial"] == "FF", again.stderr
+    assert assert_consistent(fast_pki) == ["victim"]
+
+
+# --------------------------------------------------------------------------- readers racing writers
+
+GAP_OPENSSL = """#!/bin/sh
+# `openssl ca` replaces index.txt by two renames (index.txt -> index.txt.old, index.txt.new -> index.txt). This
+# stand-in runs the real one, then opens that gap again for 0.3 s (still holding the PKI lock it inherited), so
+# that a reader that does not wait for writers meets it every time.
+"$REAL_OPENSSL" "$@"; rc=$?
+case " $* " in *" -extensions "*)
+    mv index.txt index.txt.gap && sleep 0.3 && mv index.txt.gap index.txt;;
+esac
+exit $rc
+"""
+
+
+def test_readers_racing_writers_never_see_a_half_replaced_database(fast_pki, tmp_path):
+    """Protection: readers (`list`) hold a shared flock, writers an exclusive one."""
+    set_profile(fast_pki, nginx={"reload_command": ""})
+    bin_dir = tmp_path / "gapbin"
+    bin_dir.mkdir()
+    (bin_dir / "openssl").write_text(GAP_OPENSSL)
+    (bin_dir / "openssl").chmod(0o755)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "PATH": f"{bin_dir}:{os.environ['PATH']}", "REAL_OPENSSL": REAL_OPENSSL}
+    base = [sys.executable, "-m", "mtlsctl", "--pki-dir", str(fast_pki)]
+    names = [f"w{i}" for i in range(4)]
+    jobs = [[*base, "add-client", n] for n in names]
+    writers = [subprocess.Popen(j, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for j in jobs]
+    reads, seen = 0, set()
+    while any(w.poll() is None for w in writers):
+        res = run_cli(["--pki-dir", str(fast_pki), "list", "--json"])
+        assert res.code == 0, res.err  # never "no CA (index.txt missing)", never a partial read
+        rows = json.loads(res.out)
+        assert {r["name"] for r in rows} <= set(names)
+        seen |= {r["name"] for r in rows}
+        reads += 1
+    codes = [(w.returncode, w.stderr.read()) for w in writers]
+    assert [c for c, _ in codes] == [0] * len(jobs), codes
+    assert reads >= 3 and seen, (reads, seen)
+    assert sorted(assert_consistent(fast_pki)) == names

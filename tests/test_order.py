@@ -7,6 +7,7 @@ failed re-sign leaves the client with no valid certificate), and regenerate the 
 from __future__ import annotations
 
 import json
+import re
 from datetime import datetime, timezone
 
 import pytest
@@ -60,7 +61,9 @@ def test_renew_signs_then_revokes_then_one_crl_then_bundles(fast_pki, mtls, spy)
     assert not (fast_pki / work).exists()
     assert spy[1] == ("openssl", "ca", "-config", "openssl.cnf", "-revoke", f"certs/a.crt.old.{day}",
                       "-crl_reason", "superseded")
-    assert spy[2][:4] == ("openssl", "pkcs12", "-export", "-out") and spy[2][4] == "certs/.a.p12.tmp"
+    # the new bundle is built in a private directory with an unpredictable name, then written into place
+    assert spy[2][:4] == ("openssl", "pkcs12", "-export", "-out")
+    assert re.fullmatch(r"private/\.p12-[A-Za-z0-9_]+/a\.p12", spy[2][4]), spy[2][4]
     assert not any(json.loads(res.out)["renewed"][0]["password_file"] in " ".join(a) for a in spy)
 
 
