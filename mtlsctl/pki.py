@@ -112,8 +112,18 @@ class Pki:
 
     def require_ca(self) -> None:
         """Refuse to work on a directory that holds no CA (wrong --pki-dir, or init not run)."""
-        missing = [rel for rel in (self.ca_cert, self.ca_key, self.openssl_cnf, self.index, self.serial)
-                   if not self.path(rel).exists()]
+        def absent() -> list[str]:
+            return [rel for rel in (self.ca_cert, self.ca_key, self.openssl_cnf, self.index, self.serial)
+                    if not self.path(rel).exists()]
+
+        missing = absent()
+        if missing and self.path(LOCK_NAME).exists():
+            # Another mtlsctl's `openssl ca` may be between the two renames by which it replaces index.txt and
+            # serial: look again once no writer runs (a shared lock; free when this process holds the lock).
+            from mtlsctl.files import read_lock
+
+            with read_lock(self.root):
+                missing = absent()
         if missing:
             raise InputError(
                 f"no CA in {self.root} ({', '.join(missing)} missing)",
