@@ -3,7 +3,7 @@
 
 Backups are restorable by construction, and nothing in an archive is trusted:
 
-- one PKI layout (`LAYOUT` below) decides what a backup holds and what a restore accepts. Backup archives
+- one PKI layout (`_layout` below, with archive/NAME/SERIAL/ for replaced devices' old files) decides what a backup holds and what a restore accepts. Backup archives
   only regular files and directories of that layout, read without following links; it refuses a PKI with a
   symlink, FIFO, socket or device in it (naming them), leaves out mtlsctl's own state (`.mtlsctl.lock`,
   `.mtlsctl.journal/`, `ocsp.pid`) and reports anything else it left out. Every member is written as a
@@ -51,6 +51,7 @@ TOP_FILES = frozenset((*DB_FILES_WITH_BACKUPS, "openssl.cnf", PROFILE_NAME))
 FLAT_DIRS = frozenset(DIRS)          # ca/ certs/ crl/ private/ newcerts/: regular files, no subdirectories
 ROOT_DIR = "root"                    # two-tier: the root's own database and root/newcerts/
 ROOT_FILES = frozenset(DB_FILES_WITH_BACKUPS)
+ARCHIVE_DIR = "archive"              # archive/NAME/SERIAL/: a replaced device's old files (keys too: private)
 # mtlsctl's own state: never archived, never restored (a journal from elsewhere would be "rolled back").
 STATE_PREFIX = ".mtlsctl."
 RUNTIME_FILES = frozenset(("ocsp.pid",))
@@ -66,10 +67,10 @@ def clamp_mode(rel: tuple[str, ...], is_dir: bool, mode: int) -> int:
     """The mode a restored (and archived) entry gets: never setuid/setgid/sticky or group/other-writable;
     private/ 700 and its files at most 600; ca.key and root.key 400; .p12 at most 600."""
     if is_dir:
-        return MODE_PRIVATE_DIR if rel == ("private",) else (mode & 0o755) | 0o700
+        return MODE_PRIVATE_DIR if rel == ("private",) or (rel and rel[0] == ARCHIVE_DIR) else (mode & 0o755) | 0o700
     if rel in (("private", "ca.key"), ("private", "root.key")):
         return MODE_CA_KEY
-    if rel[0] == "private" or (rel[0] == "certs" and rel[-1].endswith(".p12")):
+    if rel[0] in ("private", ARCHIVE_DIR) or (rel[0] == "certs" and rel[-1].endswith(".p12")):
         return (mode & 0o600) | 0o400
     return (mode & 0o644) | 0o400
 
@@ -80,6 +81,12 @@ def _layout(rel: tuple[str, ...], is_dir: bool) -> str | None:
         return None if is_dir else "the PKI directory itself must be a directory"
     if any(not _NAME_RE.fullmatch(part) for part in rel):
         return "a name with control characters or a backslash"
+    if rel[0] == ARCHIVE_DIR:  # archive/ NAME/ SERIAL/ files
+        if len(rel) <= 3:
+            return None if is_dir else "must be a directory (archive/NAME/SERIAL/)"
+        if len(rel) == 4:
+            return None if not is_dir else "a directory inside archive/NAME/SERIAL/ is not part of the PKI layout"
+        return "not part of the PKI layout"
     if len(rel) == 1:
         if rel[0] in FLAT_DIRS or rel[0] == ROOT_DIR:
             return None if is_dir else "must be a directory"

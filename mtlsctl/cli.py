@@ -39,10 +39,14 @@ app = typer.Typer(
         "mtlsctl lays out the PKI exactly as the guide does (/etc/nginx/pki: ca/ certs/ crl/ private/ "
         "newcerts/, index.txt, serial, crlnumber, openssl.cnf) and drives the openssl binary for every "
         "cryptographic step. Add --dry-run to see the exact openssl commands.\n\n"
-        "Exit codes: 0 ok, 1 operation failed (nothing half-done is left), 2 bad input (nothing written), "
-        "3 internal error, 130 interrupted."
+        "The options below may also follow the command (mtlsctl add-client NAME --pki-dir DIR). Choice values "
+        "(--key-type EC, --status Revoked) are read in any case. Shell completion: mtlsctl completion bash|zsh|fish.\n\n"
+        "Exit codes: 0 ok, 1 operation failed (rolled back where it can be; a completed step, such as a "
+        "revocation, is kept and said so), 2 bad input (nothing written), 3 internal error, 130 interrupted."
     ),
     no_args_is_help=True,
+    # typer's --install-completion guesses the shell and appends to ~/.bashrc; `mtlsctl completion SHELL`
+    # (below) prints or installs the same machinery's script for a named shell and never overwrites a file.
     add_completion=False,
     pretty_exceptions_enable=False,
     pretty_exceptions_show_locals=False,  # locals can hold passwords
@@ -161,6 +165,14 @@ def _read_password(password_stdin: bool, password_file: Path | None) -> str | No
 
 
 def _print_dry_run(pki_dir: Path, commands: list[Any], notes: list[str] = ()) -> None:  # type: ignore[assignment]
+    """The plan a command would execute: the openssl commands as you would type them in the PKI directory,
+    with notes (file moves, what is checked). With the command's --json, one JSON object on stdout:
+    {"dry_run": true, "pki_dir", "commands": [{"argv", "command", "label"}], "notes"}."""
+    ctx = click.get_current_context(silent=True)
+    if ctx is not None and ctx.params.get("as_json"):
+        _print_json({"dry_run": True, "pki_dir": str(pki_dir), "notes": list(notes),
+                     "commands": [{"argv": list(cmd.argv), "command": cmd.display(), "label": cmd.label} for cmd in commands]})
+        return
     _info(f"# dry run: nothing is changed. Commands run in {pki_dir}:")
     for note in notes:
         _info(f"# {note}")
@@ -283,7 +295,9 @@ def add_client(
 
     \b
     Writes private/NAME.key (600), certs/NAME.csr, certs/NAME.crt and certs/NAME.p12 (600).
-    Refuses a name that has an active certificate or any of those files.
+    Refuses a name that has an active certificate (a lost device: `mtlsctl replace NAME`). A name whose
+    certificates are all revoked or expired is issued again: its old files move to
+    archive/NAME/SERIAL/ (700) first, and index.txt keeps the history.
     Without a password option a 24-character password is generated and printed once.
 
     \b
@@ -325,7 +339,7 @@ def add_client(
     password = None if dry_run else _read_password(password_stdin, password_file)
     req = client.build_request(settings, name, days=days, key_type=key_type, p12=p12, sans=san, password=password)
     if dry_run:
-        _print_dry_run(settings.pki.root, client.plan_issue(settings, req))
+        _print_dry_run(settings.pki.root, client.plan_issue(settings, req), client.retire_notes(settings.pki, name))
         return
     result = client.issue_client(settings, req, _runner(settings, signs=True))
     if as_json:
@@ -333,6 +347,7 @@ def add_client(
             "name": result.name, "serial": result.serial, "not_after": result.not_after.isoformat(),
             "p12_profile": result.p12_profile, "sans": list(result.sans),
             "files": {"key": str(result.key), "csr": str(result.csr), "crt": str(result.crt), "p12": str(result.p12)},
+            "archived": str(settings.pki.path(result.archived)) if result.archived else None,
         }
         if result.password is not None:
             data["password"] = result.password
@@ -342,9 +357,15 @@ def add_client(
     print(f"  key     {result.key}")
     print(f"  cert    {result.crt}")
     print(f"  bundle  {result.p12} ({result.p12_profile} PKCS#12)")
+    _print_archived(settings, result)
     if result.password is not None:
         print(f"Export password: {result.password}")
     print("Transfer the .p12 file securely to the client device.")
+
+
+def _print_archived(settings: Any, result: Any) -> None:
+    if result.archived:
+        print(f"  old files (serial {result.archived_serial}) moved to {settings.pki.path(result.archived)}/")
 
 
 @app.command()
@@ -362,6 +383,12 @@ def export(
     """Write a fresh PKCS#12 bundle for an issued client (new password, same key and certificate).
 
     \b
+    Refuses a certificate that is revoked or expired (certs/NAME.crt's own row in index.txt decides):
+    issue a new one with add-client, or `mtlsctl replace NAME` while it is still valid.
+    A bundle written to certs/NAME.p12 keeps private/NAME.p12.password true: rewritten (0600) with a
+    generated password, removed when you give the password; --out leaves both alone.
+
+    \b
     Examples:
       mtlsctl export iphone-jmrp --force                 # replace certs/iphone-jmrp.p12
       mtlsctl export iphone-jmrp --p12 modern --out /tmp/iphone.p12 --password-file pw.txt
@@ -372,6 +399,8 @@ def export(
     validate.client_name(name)
     if dry_run:
         settings.pki.require_ca()
+        with _reading(settings):
+            client.check_exportable(settings.pki, name)  # a revoked or expired certificate gets no bundle, dry run or not
         target = out.absolute() if out else settings.pki.path(f"certs/{name}.p12")
         rel = f"{client.P12_WORKDIR}/{name}.p12"
         _print_dry_run(settings.pki.root, client.export_commands(name, rel, p12 or settings.profile.clients.p12,
@@ -381,7 +410,9 @@ def export(
     password = _read_password(password_stdin, password_file)
     result = client.export_client(settings, name, p12=p12, password=password, out=out, force=force, runner=_runner())
     if as_json:
-        data = {"name": result.name, "serial": result.serial, "p12": str(result.p12), "p12_profile": result.p12_profile}
+        data = {"name": result.name, "serial": result.serial, "p12": str(result.p12), "p12_profile": result.p12_profile,
+                "password_file": str(result.password_file) if result.password_file else None,
+                "removed_password_file": str(result.removed_password_file) if result.removed_password_file else None}
         if result.password is not None:
             data["password"] = result.password
         _print_json(data)
@@ -389,6 +420,10 @@ def export(
     print(f"Exported {result.name} (serial {result.serial}) to {result.p12} ({result.p12_profile} PKCS#12)")
     if result.password is not None:
         print(f"Export password: {result.password}")
+    if result.password_file:
+        print(f"  the new password is also in {result.password_file} (0600; it replaces the old one)")
+    if result.removed_password_file:
+        print(f"  removed {result.removed_password_file}: it held the previous bundle's password")
 
 
 def _crl_json(info: Any) -> Any:
@@ -401,8 +436,10 @@ def _crl_json(info: Any) -> Any:
 def _crl_line(info: Any) -> str:
     from datetime import datetime, timezone
 
-    left = (info.next_update - datetime.now(timezone.utc)).total_seconds() / 86400
-    return f"next update {info.next_update:%Y-%m-%d %H:%M} UTC ({left:.0f} days), CRL number {info.crl_number}, {info.revoked} revoked"
+    from mtlsctl.lifecycle import days_left
+
+    left = days_left(info.next_update, datetime.now(timezone.utc))
+    return f"next update {info.next_update:%Y-%m-%d %H:%M} UTC ({left} days), CRL number {info.crl_number}, {info.revoked} revoked"
 
 
 def _reload(settings: Any, changed: bool, no_reload: bool) -> tuple[bool, str | None]:
@@ -441,13 +478,33 @@ def _finish_reload(reloaded: bool, error: str | None, as_json: bool) -> None:
                            + (f"; also: {error}" if error else ""),
                            hint="the CRL changed here but did not reach the nginx hosts; fix it and run `mtlsctl crl`")
     if error:
-        raise ReloadFailed(f"{error}; nginx still uses the old CRL", hint="fix nginx, then run the reload command (or `mtlsctl crl` again)")
+        ctx = click.get_current_context(silent=True)
+        done = _DONE_BEFORE_RELOAD.get(ctx.info_name if ctx is not None else "", "what this run changed is done and kept")
+        if any(sign in error for sign in _NO_SYSTEMD):
+            hint = ("this host does not run systemd: pass --no-reload and reload nginx yourself (e.g. `nginx -s reload`), "
+                    "or set nginx.reload_command in the profile (e.g. \"nginx -s reload\", or \"\" to never reload)")
+        else:
+            hint = "fix nginx, then run `mtlsctl nginx reload` (or pass --no-reload when nginx runs elsewhere)"
+        raise ReloadFailed(f"{done}; only the nginx reload failed: {error}; nginx still uses the old CRL until it reloads",
+                           hint=hint)
     if reloaded and not as_json:
         print("nginx reloaded (it reads the CRL only at reload)")
 
 
 class ReloadFailed(MtlsError):
     pass
+
+
+# What a command has completed (and keeps) by the time it reloads nginx: a failed reload does not undo it.
+_DONE_BEFORE_RELOAD = {
+    "revoke": "the revocation is done and kept (index.txt and the new CRL list it)",
+    "replace": "the replacement is done and kept (new certificate issued, old one revoked, CRL regenerated)",
+    "crl": "the new CRL is written and kept",
+    "renew": "the renewals and the CRL are done and kept",
+}
+# How a reload command fails on a host (or container) without systemd.
+_NO_SYSTEMD = ("booted with systemd", "Failed to connect to bus", "systemctl: not found", "systemctl: command not found",
+               "No such file or directory: 'systemctl'")
 
 
 NO_RELOAD_HELP = "Do not run the profile's nginx test and reload commands."
@@ -523,6 +580,104 @@ def revoke(
 
 
 @app.command()
+def replace(
+    ctx: typer.Context,
+    name: str = typer.Argument(..., help="The name whose device is lost, stolen or broken (client or server)."),
+    reason: str = typer.Option("keyCompromise", "--reason", metavar="REASON",
+                               help="Why the old certificate is revoked (default keyCompromise: a lost device's key is "
+                                    "presumed in other hands); any reason revoke takes, case-insensitive."),
+    days: int | None = typer.Option(None, "--days", metavar="N",
+                                    help="Validity of the new certificate (default: profile clients.days, 365)."),
+    key_type: str | None = typer.Option(None, "--key-type", metavar="rsa|ec", help="Key type (default: the old certificate's)."),
+    p12: str | None = typer.Option(None, "--p12", metavar="PROFILE", help=P12_HELP),
+    password_stdin: bool = typer.Option(False, "--password-stdin", help="Read the new bundle's password from standard input."),
+    password_file: Path | None = typer.Option(None, "--password-file", metavar="FILE", help="Read the new bundle's password from FILE."),
+    no_reload: bool = typer.Option(False, "--no-reload", help=NO_RELOAD_HELP),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object (with the password when generated)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the moves and openssl commands and change nothing."),
+) -> None:
+    """Replace a lost device in one step: a new certificate for NAME, then the old one revoked.
+
+    \b
+    Under one lock, in this order:
+      1. the old files move to archive/NAME/SERIAL/ (mode 700); a new key, CSR, certificate
+         and bundle take the guide's paths (same name, kind and SANs: the allowlist entry stays);
+      2. only once the new certificate is in index.txt, every earlier one of NAME is revoked;
+      3. the CRL is regenerated, then nginx is tested and reloaded (as `revoke` does).
+
+    A failure before step 2 puts everything back: the old certificate stays valid, its files where
+    they were. A failure after it exits 1 and says what is done and the command that finishes the rest.
+
+    \b
+    Examples:
+      mtlsctl replace iphone-jmrp              # new bundle + password, then the old one revoked
+      mtlsctl replace iphone-jmrp --dry-run
+      printf '%s\\n' "$PASS" | mtlsctl replace laptop --password-stdin --reason superseded --json
+    """
+    from mtlsctl import lifecycle, validate
+
+    why = lifecycle.reason(reason)
+    validate.client_name(name)
+    settings = _settings(ctx)
+    password = None if dry_run else _read_password(password_stdin, password_file)
+    req = lifecycle.replace_request(settings, name, days=days, key_type=key_type, p12=p12, password=password)
+    if dry_run:
+        notes, commands = lifecycle.plan_replace(settings, req, why)
+        if not no_reload:
+            notes.append("then the profile's nginx test and reload commands (nginx reads the CRL only at reload)")
+        _print_dry_run(settings.pki.root, commands, notes)
+        return
+    result = lifecycle.replace(settings, req, why, _runner(settings, signs=True))
+    issued = result.issued
+    reloaded, error = _reload(settings, bool(result.revoked) or result.kind == "server", no_reload)
+    if result.revoked:
+        from mtlsctl import ocsp
+
+        if ocsp.prime(settings, name, _runner()):
+            _info("OCSP responder primed: its next answer for the old certificate says revoked")
+    if as_json:
+        data: dict[str, Any] = {
+            "name": issued.name, "kind": result.kind, "serial": issued.serial, "not_after": issued.not_after.isoformat(),
+            "p12_profile": issued.p12_profile, "sans": list(issued.sans),
+            "files": {"key": str(issued.key), "csr": str(issued.csr), "crt": str(issued.crt),
+                      "p12": str(issued.p12) if issued.p12 else None},
+            "archived": str(settings.pki.path(issued.archived)) if issued.archived else None,
+            "old_serials": result.old, "revoked": result.revoked, "reason": why, "crl": _crl_json(result.crl),
+            "reloaded": reloaded, "published": _publish_json(), "problems": result.problems, "todo": result.todo,
+        }
+        if issued.password is not None:
+            data["password"] = issued.password
+        _print_json(data)
+    else:
+        print(f"Issued {issued.name}: serial {issued.serial}, valid until {issued.not_after:%Y-%m-%d %H:%M} UTC")
+        print(f"  key     {issued.key}")
+        print(f"  cert    {issued.crt}")
+        if issued.p12:
+            print(f"  bundle  {issued.p12} ({issued.p12_profile} PKCS#12)")
+        _print_archived(settings, issued)
+        if result.revoked:
+            print(f"Revoked the old certificate: serial {', '.join(result.revoked)} ({why})")
+        elif not result.old:
+            print(f"Nothing to revoke: {name} had no active certificate")
+        if result.crl is not None:
+            print(f"CRL regenerated: {_crl_line(result.crl)}")
+        if issued.password is not None:
+            print(f"Export password: {issued.password}")
+    if result.problems:
+        done = f"the new certificate for {name} is issued (serial {issued.serial})"
+        if result.revoked:
+            done += f" and serial {', '.join(result.revoked)} revoked"
+        extra = f"; also: {error}" if error else ""
+        raise ReplaceIncomplete(f"{done}, but: " + "; ".join(result.problems) + extra,
+                                hint="finish with: " + " && ".join(result.todo))
+    _finish_reload(reloaded, error, as_json)
+
+
+class ReplaceIncomplete(MtlsError):
+    """The new certificate exists, but a later step of `replace` (bundle, revocation, CRL) failed."""
+
+
+@app.command()
 def crl(
     ctx: typer.Context,
     if_due: bool = typer.Option(False, "--if-due", help="Only when nextUpdate is within crl.refresh_within_days (for timers)."),
@@ -549,9 +704,13 @@ def crl(
 
     settings = _settings(ctx)
     if dry_run:
-        settings.pki.require_ca()
-        _print_dry_run(settings.pki.root, [crl_mod.gencrl_command(settings.profile.crl.days, datetime.now(timezone.utc))],
-                       [f"then rename to {settings.pki.crl}"])
+        now = datetime.now(timezone.utc)
+        if root or root_key is not None:
+            commands, notes = crl_mod.plan_root_crl(settings.pki, settings.profile,
+                                                    str(root_key.absolute()) if root_key else None, now)
+        else:
+            commands, notes = crl_mod.plan_crl(settings.pki, settings.profile, if_due=if_due, now=now)
+        _print_dry_run(settings.pki.root, commands, notes)
         return
     if root or root_key is not None:
         info = crl_mod.refresh_root_crl(settings.pki, settings.profile, _runner(settings, signs=True),
@@ -578,9 +737,10 @@ def crl(
 @app.command("list")
 def list_(
     ctx: typer.Context,
-    status: str | None = typer.Option(None, "--status", metavar="STATUS", help="Only valid, revoked or expired."),
+    status: str | None = typer.Option(None, "--status", metavar="STATUS", help="Only valid, expiring (within renew.within_days), expired or revoked."),
     expiring_within: int | None = typer.Option(None, "--expiring-within", metavar="DAYS", help="Only valid certificates expiring within DAYS."),
-    as_json: bool = typer.Option(False, "--json", help="Print a JSON array (name, serial, status, not_after, days_left, revoked_at, reason, subject, files)."),
+    as_json: bool = typer.Option(False, "--json", help="Print a JSON array (name, serial, status, not_after, days_left, revoked_at, "
+                                                      "reason, subject as nginx shows it (RFC 2253: CN=x,O=y), files)."),
 ) -> None:
     """List every certificate in index.txt (read directly: no openssl run per certificate).
 
@@ -593,8 +753,6 @@ def list_(
     from mtlsctl import crl as crl_mod
     from mtlsctl import lifecycle
 
-    if status is not None and status not in ("valid", "revoked", "expired"):
-        raise InputError(f"--status {status!r} is not a status", hint="use valid, revoked or expired")
     if expiring_within is not None:
         from mtlsctl import validate
 
@@ -621,7 +779,7 @@ def list_(
     from datetime import datetime, timezone
 
     info = crl_mod.read_crl_info(settings.pki, runner)
-    print(f"CA: expires {ca_end:%Y-%m-%d} ({(ca_end - datetime.now(timezone.utc)).days} days)")
+    print(f"CA: expires {ca_end:%Y-%m-%d} ({lifecycle.days_left(ca_end, datetime.now(timezone.utc))} days)")
     print("CRL: " + (_crl_line(info) if info else "MISSING: run `mtlsctl crl`"))
 
 
@@ -655,14 +813,12 @@ def renew(
     settings = _settings(ctx)
     report = lifecycle.renew(settings, within_days=within, days=days, runner=_runner(settings, signs=not dry_run), dry_run=dry_run)
     if dry_run:
-        _info(f"# dry run: nothing is changed. {len(report.due)} certificate(s) due; commands run in {settings.pki.root}:")
-        for row in report.due:
-            kind, commands = lifecycle.renew_commands(settings, row, days or settings.profile.renew.days)
-            _info(f"# {row.cn} ({kind}): serial {row.serial} expires {row.expires:%Y-%m-%d %H:%M} UTC")
-            for cmd in commands:
-                print(cmd.display())
-        if report.crl_regenerated:
-            _info("# and the CRL would be regenerated")
+        from datetime import datetime, timezone
+
+        now = datetime.now(timezone.utc)
+        plan = lifecycle.renew_plan(settings, report, days or settings.profile.renew.days, now)
+        _print_dry_run(settings.pki.root, [cmd for _, commands in plan for cmd in commands],
+                       [f"{len(report.due)} certificate(s) due"] + [what for what, _ in plan])
         return
     changed = bool(report.renewed) or bool(report.superseded) or report.crl_regenerated
     reloaded, error = _reload(settings, changed, no_reload)
@@ -1214,6 +1370,8 @@ def add_server(
 
     \b
     For internal services and for nginx's own certificate (ssl_certificate).
+    A name whose certificates are all revoked or expired is issued again; its old files (key,
+    certificate, fullchain) move to archive/NAME/SERIAL/ first.
 
     \b
     Examples:
@@ -1229,17 +1387,39 @@ def add_server(
             raise InputError(f"--san {entry!r}: a server certificate takes DNS: or IP: names", hint="e.g. --san DNS:host.example")
     req = client.build_request(settings, name, days=days, key_type=key_type, sans=sans, kind="server")
     if dry_run:
-        _print_dry_run(settings.pki.root, client.plan_issue(settings, req))
+        _print_dry_run(settings.pki.root, client.plan_issue(settings, req), client.retire_notes(settings.pki, name))
         return
     result = client.issue_client(settings, req, _runner(settings, signs=True))
+    from mtlsctl.nginx import served_certificate, server_files
+
+    chosen = server_files(settings.pki, settings.profile.nginx)
+    served = served_certificate(settings.pki, chosen.cert)
     if as_json:
         _print_json({"name": result.name, "serial": result.serial, "not_after": result.not_after.isoformat(),
-                     "sans": list(result.sans), "files": {"key": str(result.key), "csr": str(result.csr), "crt": str(result.crt)}})
+                     "sans": list(result.sans), "files": {"key": str(result.key), "csr": str(result.csr), "crt": str(result.crt),
+                                                          "fullchain": str(settings.pki.path(settings.pki.client(result.name).fullchain))},
+                     "archived": str(settings.pki.path(result.archived)) if result.archived else None,
+                     "nginx_render": {"ssl_certificate": served, "ssl_certificate_key": chosen.key, "source": chosen.source,
+                                      "uses_this_certificate": chosen.name == result.name, "why": chosen.why}})
         return
     print(f"Issued server certificate {result.name}: serial {result.serial}, valid until {result.not_after:%Y-%m-%d %H:%M} UTC")
-    print(f"  SANs  {', '.join(result.sans)}")
-    print(f"  cert  {result.crt}   (ssl_certificate)")
-    print(f"  key   {result.key}   (ssl_certificate_key)")
+    print(f"  SANs   {', '.join(result.sans)}")
+    print(f"  cert   {result.crt}")
+    print(f"  chain  {settings.pki.path(settings.pki.client(result.name).fullchain)}   (the certificate + issuing CA: ssl_certificate)")
+    print(f"  key    {result.key}   (ssl_certificate_key)")
+    _print_archived(settings, result)
+    if chosen.name == result.name:
+        print(f"`mtlsctl nginx render` will use it ({chosen.why}; nginx.server_cert/server_key are at their placeholders):")
+    elif chosen.source == "pki":
+        print(f"`mtlsctl nginx render` will serve {chosen.name} instead ({chosen.why}); set nginx.server_name: {result.name} "
+              "or nginx.server_cert/server_key to serve this one:")
+    elif chosen.candidates:
+        print(f"`mtlsctl nginx render` will not pick one: {chosen.why}; set nginx.server_name: {result.name}, or "
+              "nginx.server_cert/server_key. It renders:")
+    else:
+        print(f"`mtlsctl nginx render` uses the profile's nginx.server_cert/server_key, not this certificate; to serve it "
+              f"set nginx.server_cert: {result.crt} and nginx.server_key: {result.key}. It renders:")
+    print(f"  ssl_certificate     {served};\n  ssl_certificate_key {chosen.key};")
 
 
 nginx_app = typer.Typer(help="Render the mTLS site for nginx, test it, and reload safely.", no_args_is_help=True)
@@ -1253,6 +1433,7 @@ def nginx_render(
     verify_client: str | None = typer.Option(None, "--verify-client", metavar="on|optional", help="Override nginx.verify_client."),
     rate_limit: str | None = typer.Option(None, "--rate-limit", metavar="RATE", help="Rate limit for unverified clients, e.g. 5r/s (overrides nginx.rate_limit)."),
     burst: int | None = typer.Option(None, "--burst", metavar="N", help="Burst for --rate-limit (default 10)."),
+    force: bool = typer.Option(False, "--force", help="Write the site even when a file it names is missing (each is still reported)."),
 ) -> None:
     """Render the site (server block, allowlist and rate-limit maps, log format) for the http {} context.
 
@@ -1261,12 +1442,20 @@ def nginx_render(
     are refused. Allowlist regexes are anchored; verify failures are logged at info.
 
     \b
+    Refused where there is no CA (exit 2). Every file the site names is checked as nginx's master
+    (root) will read it: ssl_certificate, ssl_certificate_key (also: not world-readable),
+    ssl_client_certificate, ssl_crl and the logs' directories. A missing one is named with its fix,
+    and nothing is written (exit 1) unless --force. With nginx.server_cert/server_key left at their
+    placeholders, the PKI's server certificate (`mtlsctl add-server`) is served: the one named like
+    nginx.server_name, or the only one.
+
+    \b
     Examples:
       mtlsctl nginx render --out /etc/nginx/conf.d/secure.example.com.conf && mtlsctl nginx reload
       mtlsctl nginx render --verify-client optional --rate-limit 5r/s --burst 20
     """
     from mtlsctl.files import MODE_PUBLIC, atomic_write
-    from mtlsctl.nginx import render_site
+    from mtlsctl.nginx import render_checked
     from mtlsctl.profile import RateLimit
 
     if verify_client is not None and verify_client not in ("on", "optional"):
@@ -1282,16 +1471,24 @@ def nginx_render(
         except ValidationError as exc:
             raise InputError(f"--rate-limit {rate_limit!r} / --burst {burst!r}: {exc.errors()[0]['msg'].removeprefix('Value error, ')}",
                              hint="e.g. --rate-limit 5r/s --burst 10") from None
+    if out is not None:  # where it goes is input: checked before anything is rendered
+        from mtlsctl.files import refuse_symlink
+
+        if not out.parent.is_dir():
+            raise InputError(f"--out {out}: directory {out.parent} does not exist")
+        refuse_symlink(out)
+        if out.is_dir():
+            raise InputError(f"--out {out} is a directory", hint=f"name the file, e.g. --out {out / 'mtls.conf'}")
     settings = _settings(ctx)
-    text, warnings = render_site(settings.pki, settings.profile.nginx, verify_client=verify_client, rate_limit=limit,
-                                   ocsp=settings.profile.ocsp)
+    settings.pki.require_ca()
+    with _reading(settings):
+        text, warnings = render_checked(settings.pki, settings.profile.nginx, verify_client=verify_client, rate_limit=limit,
+                                        ocsp=settings.profile.ocsp, force=force)
     for w in warnings:
         _info(f"warning: {w}")
     if out is None:
         sys.stdout.write(text)
         return
-    if not out.parent.is_dir():
-        raise InputError(f"--out {out}: directory {out.parent} does not exist")
     atomic_write(out, text, MODE_PUBLIC)
     _info(f"wrote {out}; next: mtlsctl nginx reload")
 
@@ -1332,6 +1529,62 @@ def nginx_reload(
         _print_json({"reloaded": outcome.reloaded, "detail": outcome.detail})
     else:
         print(outcome.detail)
+
+
+systemd_app = typer.Typer(help="systemd units for the nightly renew, the CRL refresh and the OCSP responder.", no_args_is_help=True)
+app.add_typer(systemd_app, name="systemd")
+
+
+@systemd_app.command("install")
+def systemd_install(
+    ctx: typer.Context,
+    directory: Path = typer.Option(Path("/etc/systemd/system"), "--dir", metavar="DIR", help="Where the units go."),
+    force: bool = typer.Option(False, "--force", help="Replace units that exist (default: refuse, nothing written)."),
+    as_json: bool = typer.Option(False, "--json", help="Print dir, mtlsctl, units (name, path, written, replaced) and next as JSON."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the units and write nothing."),
+) -> None:
+    """Write systemd units that run this mtlsctl, by its absolute path, on this PKI.
+
+    \b
+    mtlsctl-renew.service + .timer (daily renew), mtlsctl-crl.service + .timer (crl --if-due twice a
+    day, a unit of its own: systemd skips ExecStartPost= when ExecStart= fails, so the CRL is refreshed
+    even when renew fails) and, with an ocsp: section in the profile, mtlsctl-ocsp.service. ExecStart=
+    names the running mtlsctl and --pki-dir (and --profile, --ca-passphrase-file when given). Existing
+    units are never replaced without --force; new files are created exclusively.
+
+    \b
+    Examples:
+      mtlsctl systemd install --dry-run
+      mtlsctl systemd install
+      systemctl daemon-reload && systemctl enable --now mtlsctl-renew.timer mtlsctl-crl.timer
+    """
+    from mtlsctl import systemd
+
+    settings = _settings(ctx)
+    settings.pki.require_ca()
+    opts: GlobalOptions = ctx.find_root().obj
+    exe = systemd.running_mtlsctl()
+    units = systemd.render_units(settings, exe, directory.absolute(), opts.ca_passphrase_file)
+    if settings.pki.ca_key_encrypted() and opts.ca_passphrase_file is None:
+        _info("warning: private/ca.key is encrypted and no --ca-passphrase-file was given: renew and crl cannot ask for "
+              "the passphrase under systemd and will fail; run `mtlsctl --ca-passphrase-file FILE systemd install --force`")
+    done = systemd.install(units, directory, force=force, dry_run=dry_run)
+    if as_json:
+        _print_json({"dir": str(directory), "mtlsctl": str(exe), "dry_run": dry_run, "next": systemd.next_steps(units),
+                     "units": [{"name": u.name, "path": str(d.path), "written": d.written, "replaced": d.replaced,
+                                **({"text": u.text} if dry_run else {})} for u, d in zip(units, done, strict=True)]})
+        return
+    if dry_run:
+        _info(f"# dry run: nothing is written. {len(units)} unit(s) for {directory}:")
+        for unit, d in zip(units, done, strict=True):
+            exists = (" (exists: --force replaces it)" if force else " (exists: refused without --force)") if d.replaced else ""
+            print(f"# ---- {d.path}{exists}")
+            print(unit.text, end="" if unit.text.endswith("\n") else "\n")
+        return
+    for d in done:
+        print(f"{'replaced' if d.replaced else 'wrote'} {d.path}")
+    print(f"ExecStart= runs {exe}")
+    print(f"next: {systemd.next_steps(units)}")
 
 
 @app.command()
@@ -1415,7 +1668,244 @@ def _reflow_help(typer_app: typer.Typer) -> None:
             _reflow_help(group.typer_instance)
 
 
+COMPLETION_SHELLS = ("bash", "zsh", "fish")
+
+
+def completion_file(shell: str, environ: Any = os.environ) -> Path:
+    """Where `completion SHELL --install` writes: the per-user place each shell loads completions from."""
+    home = Path(environ.get("HOME") or Path.home())
+    if shell == "bash":  # bash-completion (2.x) loads it on demand
+        data = Path(environ.get("XDG_DATA_HOME") or home / ".local/share")
+        return Path(environ.get("BASH_COMPLETION_USER_DIR") or data / "bash-completion") / "completions/mtlsctl"
+    if shell == "zsh":
+        return Path(environ.get("ZDOTDIR") or home) / ".zfunc/_mtlsctl"
+    return Path(environ.get("XDG_CONFIG_HOME") or home / ".config") / "fish/completions/mtlsctl.fish"
+
+
+def completion_script(shell: str) -> str:
+    """The completion script for a shell: typer's completion classes (click's machinery), _MTLSCTL_COMPLETE."""
+    from click.shell_completion import get_completion_class
+    from typer._completion_classes import completion_init
+
+    completion_init()
+    cls = get_completion_class(shell)
+    assert cls is not None
+    return cls(typer.main.get_command(app), {}, "mtlsctl", "_MTLSCTL_COMPLETE").source().strip() + "\n"
+
+
+@app.command()
+def completion(
+    shell: str = typer.Argument(..., metavar="bash|zsh|fish", help="The shell to complete in."),
+    install: bool = typer.Option(False, "--install", help="Write the script where the shell loads completions instead of printing it."),
+    force: bool = typer.Option(False, "--force", help="With --install: replace a different file already there."),
+) -> None:
+    """Print (or install) shell completion for bash, zsh or fish: commands, options and choice values.
+
+    \b
+    The script asks mtlsctl what to complete (click's completion, _MTLSCTL_COMPLETE), so it follows
+    the installed version. --install writes one file, never replaces a different one without --force,
+    and edits no rc file:
+      bash  ~/.local/share/bash-completion/completions/mtlsctl (the bash-completion package loads it)
+      zsh   ~/.zfunc/_mtlsctl (needs `fpath+=~/.zfunc` before `compinit` in ~/.zshrc)
+      fish  ~/.config/fish/completions/mtlsctl.fish
+
+    \b
+    Examples:
+      mtlsctl completion bash --install
+      eval "$(mtlsctl completion bash)"       # this shell only (or that line in ~/.bashrc)
+      mtlsctl completion zsh > /usr/local/share/zsh/site-functions/_mtlsctl
+    """
+    from mtlsctl.files import MODE_PUBLIC, atomic_write
+
+    chosen = shell.lower()
+    if chosen not in COMPLETION_SHELLS:
+        raise InputError(f"shell {shell!r} is not supported", hint="use bash, zsh or fish")
+    script = completion_script(chosen)
+    if not install:
+        sys.stdout.write(script)
+        return
+    target = completion_file(chosen)
+    if target.is_symlink() or target.exists():
+        try:
+            same = not target.is_symlink() and target.read_text(encoding="utf-8") == script
+        except (OSError, UnicodeDecodeError):
+            same = False
+        if same:
+            print(f"{chosen} completion is already installed in {target}")
+            return
+        if not force:
+            raise InputError(f"{target} already exists and differs from mtlsctl's {chosen} completion",
+                             hint="look at it; --force replaces it")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(target, script, MODE_PUBLIC)
+    print(f"{chosen} completion installed in {target}")
+    if chosen == "bash":
+        print("It loads in new shells when the bash-completion package is installed; otherwise add to ~/.bashrc: "
+              f"source {target}")
+    elif chosen == "zsh":
+        print(f"Make sure ~/.zshrc has, before compinit: fpath+={target.parent}   (then: autoload -Uz compinit && compinit)")
+    else:
+        print("It loads in new fish shells.")
+
+
 _reflow_help(app)
+
+
+# ------------------------------------------------------------------ habits: global options anywhere, choices in any
+# case, "did you mean", completion. All of it acts on the click command main() builds, before click parses.
+
+# Choice options, by name, wherever a command has one: accepted in any case, handed on in one canonical spelling
+# (the core's own check still names a value that is not one of them). tests/test_cli_habits.py finds every
+# option with a choice metavar (a|b) and checks it is here, and checks these against the core's lists.
+CHOICES: dict[str, tuple[str, ...]] = {
+    "--key-type": ("rsa", "ec"),
+    "--p12": ("compat", "modern", "legacy"),
+    "--status": ("valid", "expiring", "expired", "revoked"),
+    "--verify-client": ("on", "optional"),
+    "--reason": ("unspecified", "keyCompromise", "CACompromise", "affiliationChanged", "superseded",
+                 "cessationOfOperation", "certificateHold"),
+}
+
+
+def _option_arity(command: click.Command, *, eager: bool = True) -> dict[str, int]:
+    """Each option name of a command -> how many values follow it (0 for a flag)."""
+    out: dict[str, int] = {}
+    for param in command.params:
+        if isinstance(param, click.Option) and (eager or not param.is_eager):
+            for name in (*param.opts, *param.secondary_opts):
+                out[name] = 0 if (param.is_flag or param.count) else param.nargs
+    return out
+
+
+def global_options(root: click.Command) -> dict[str, int]:
+    """The global options (the callback's, --version and --help left out) and how many values each takes."""
+    return _option_arity(root, eager=False)
+
+
+def hoist_global_options(root: click.Group, args: list[str]) -> list[str]:
+    """Move the global options given after the command path (and their values) to just before it.
+
+    Walks the arguments as click will parse them: the root's own options and values, the command path,
+    then each arg after it — an option of the command itself keeps its place and its value (so a value
+    that happens to be spelled --pki-dir stays a value, and restore's own --pki-dir stays restore's),
+    `--opt=value` counts as one arg, and `--` ends the walk. Unknown commands and options are left
+    alone for click to refuse.
+    """
+    root_arity, globals_ = _option_arity(root), global_options(root)
+    i = 0
+    while i < len(args) and args[i].startswith("-") and args[i] != "-":
+        if args[i] == "--":
+            return args
+        i += 1 + (0 if "=" in args[i] else root_arity.get(args[i], 0))
+    if i >= len(args) or not isinstance(root, click.Group) or args[i] not in root.commands:
+        return args
+    start, command = i, root.commands[args[i]]
+    own, hoisted, rest = _option_arity(command), [], [args[i]]
+    i += 1
+    while i < len(args):
+        arg = args[i]
+        if arg == "--":
+            rest.extend(args[i:])
+            break
+        if arg.startswith("-") and arg != "-":
+            name = arg.split("=", 1)[0] if arg.startswith("--") else arg
+            if name in own:
+                n = 0 if "=" in arg else own[name]
+                rest.extend(args[i:i + 1 + n])
+            elif name in globals_:
+                n = 0 if "=" in arg else globals_[name]
+                if i + n >= len(args):
+                    raise click.UsageError(f"Option '{name}' requires an argument.")
+                hoisted.extend(args[i:i + 1 + n])
+            else:
+                n = 0
+                rest.append(arg)
+            i += 1 + n
+            continue
+        rest.append(arg)
+        if isinstance(command, click.Group):  # a sub-command name: its options from here on
+            sub = command.commands.get(arg)
+            if sub is None:
+                rest.extend(args[i + 1:])
+                break
+            command, own = sub, _option_arity(sub)
+        i += 1
+    return args[:start] + hoisted + rest
+
+
+def _canonical_choice(choices: tuple[str, ...], then: Any) -> Any:
+    def callback(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
+        if isinstance(value, str):
+            value = next((c for c in choices if c.lower() == value.lower()), value)
+        return then(ctx, param, value) if then is not None else value
+    return callback
+
+
+def _complete_choice(choices: tuple[str, ...]) -> Any:
+    def complete(ctx: click.Context, param: click.Parameter, incomplete: str) -> list[Any]:
+        from click.shell_completion import CompletionItem
+
+        return [CompletionItem(c) for c in choices if c.lower().startswith(incomplete.lower())]
+    return complete
+
+
+def accept_any_case(command: click.Command) -> None:
+    """Every CHOICES option of every command: any case in, the canonical spelling out; its values complete."""
+    for param in command.params:
+        if isinstance(param, click.Option) and not param.is_flag:
+            choices = next((CHOICES[o] for o in param.opts if o in CHOICES), None)
+            if choices is not None:
+                param.callback = _canonical_choice(choices, param.callback)
+                param._custom_shell_complete = _complete_choice(choices)
+    for sub in getattr(command, "commands", {}).values():
+        accept_any_case(sub)
+
+
+def build_command() -> click.Group:
+    """The click command main() runs: typer's, with the habits above applied."""
+    import typer.main
+
+    root = typer.main.get_command(app)
+    assert isinstance(root, click.Group)
+    accept_any_case(root)
+    return root
+
+
+def _suggest(word: str, candidates: list[str]) -> list[str]:
+    """Close spellings (difflib), and names the word begins (add -> add-client, add-server); at most three."""
+    import difflib
+
+    starts = [c for c in candidates if len(word.lstrip("-")) >= 2 and c.startswith(word) and c != word]
+    close = difflib.get_close_matches(word, candidates, n=3, cutoff=0.6)
+    return list(dict.fromkeys(starts + close))[:3]
+
+
+def _one_of(names: list[str], quote: str = "") -> str:
+    shown = [f"{quote}{n}{quote}" for n in names]
+    return shown[0] if len(shown) == 1 else ", ".join(shown[:-1]) + " or " + shown[-1]
+
+
+def usage_error_lines(exc: click.UsageError, root: click.Command | None = None) -> list[str]:
+    """click's usage error as mtlsctl prints it: `error: ...` and a hint; a mistyped command or option gets
+    one line instead, with what it probably meant."""
+    import re
+
+    ctx = exc.ctx
+    where = ctx.command_path if ctx is not None else "mtlsctl"
+    if isinstance(exc, click.NoSuchOption) and ctx is not None:
+        candidates = [o for o in _option_arity(ctx.command) if o.startswith("--")]
+        if ctx.parent is not None and root is not None:  # global options are accepted after the command too
+            candidates += [o for o in global_options(root) if o not in candidates]
+        found = _suggest(exc.option_name, candidates)
+        if found:
+            return [f"error: {exc.message.rstrip('.')}. Did you mean {_one_of(found)}?"]
+    match = re.fullmatch(r"No such command (['\"])(.*)\1\.", exc.message, re.S)
+    if match and ctx is not None and isinstance(ctx.command, click.Group):
+        found = _suggest(match.group(2), ctx.command.list_commands(ctx))
+        if found:
+            return [f"error: {exc.message.rstrip('.')}. Did you mean {_one_of(found, quote=chr(39))}?"]
+    # click's multi-line usage block becomes our one-line error + hint
+    return [f"error: {exc.format_message()}", f"hint: run `{where} --help`"]
 
 
 def _on_sigterm(signum: int, frame: object) -> NoReturn:
@@ -1434,8 +1924,15 @@ def main(argv: list[str] | None = None) -> NoReturn:
     logger.handlers[:] = [handler]
     logger.propagate = False
     code = EXIT_OK
+    root: click.Group | None = None
     try:
-        rv = app(args=argv, prog_name="mtlsctl", standalone_mode=False)
+        root = build_command()
+        if os.environ.get("_MTLSCTL_COMPLETE"):  # a shell asks what to complete: typer's classes answer
+            from typer._completion_classes import completion_init
+
+            completion_init()
+        args = hoist_global_options(root, list(sys.argv[1:] if argv is None else argv))
+        rv = root.main(args=args, prog_name="mtlsctl", standalone_mode=False)
         code = rv if isinstance(rv, int) else EXIT_OK
         if code == EXIT_INTERRUPTED:  # typer turns KeyboardInterrupt (and our SIGTERM) into Exit(130)
             print("interrupted; what this run wrote was rolled back", file=sys.stderr)
@@ -1447,10 +1944,8 @@ def main(argv: list[str] | None = None) -> NoReturn:
         print("interrupted", file=sys.stderr)
         code = EXIT_INTERRUPTED
     except click.UsageError as exc:
-        # click's multi-line usage block becomes our one-line error + hint
-        where = exc.ctx.command_path if exc.ctx is not None else "mtlsctl"
-        print(f"error: {exc.format_message()}", file=sys.stderr)
-        print(f"hint: run `{where} --help`", file=sys.stderr)
+        for line in usage_error_lines(exc, root):
+            print(line, file=sys.stderr)
         code = EXIT_BAD_INPUT
     except click.ClickException as exc:
         print(f"error: {exc.format_message()}", file=sys.stderr)

@@ -3,21 +3,31 @@
 Order of work (the guide's four commands): key, CSR, signature by the CA, PKCS#12 bundle.
 Everything is checked before the first write; a failure removes what this run created; once the
 certificate is in the database it stays (and the error says so and points at `export`).
+
+A name whose certificates are all revoked or expired can be issued again (a lost phone, a new one for the
+same person): its old files move to `archive/NAME/SERIAL/` inside the PKI, journaled with the issuance, and
+the new ones take the guide's paths; index.txt keeps the history. A name with an active certificate is
+refused (`mtlsctl replace` issues the new one first, then revokes the old).
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import secrets
 import shutil
 import tempfile
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from datetime import datetime
+from dataclasses import replace as replace_fields
+from datetime import datetime, timezone
 from pathlib import Path
 
 from mtlsctl import db, openssl, validate
 from mtlsctl.errors import InputError, MtlsError, StateError
 from mtlsctl.files import (
+    MODE_PRIVATE_DIR,
     MODE_PUBLIC,
     MODE_SECRET,
     Transaction,
@@ -80,10 +90,16 @@ class IssueResult:
     p12_profile: str | None
     password: str | None = field(repr=False)  # only when generated
     sans: tuple[str, ...] = ()
+    archived: str | None = None  # archive/NAME/SERIAL: where the previous certificate's files went
+    archived_serial: str | None = None
 
 
 class IssuedButExportFailed(MtlsError):
     """The certificate is issued and in the database; only the PKCS#12 bundle is missing."""
+
+    def __init__(self, message: str, hint: str | None = None, result: IssueResult | None = None) -> None:
+        super().__init__(message, hint)
+        self.result = result  # what was issued (p12 None)
 
 
 def build_request(settings: Settings, name: str, *, days: int | None = None, key_type: str | None = None,
@@ -149,13 +165,31 @@ def require_section(pki: Pki, section: str) -> None:
         )
 
 
-def refuse_conflicts(pki: Pki, name: str) -> None:
+def password_file(name: str) -> str:
+    """Where the password of certs/NAME.p12 is kept when mtlsctl generated it and did not print it (0600)."""
+    return f"private/{name}.p12.password"
+
+
+def name_files(name: str) -> tuple[str, ...]:
+    """Every file a name owns at the guide's paths: key, CSR, certificate, bundle, fullchain, bundle password."""
+    return (*ClientFiles(name).all(), password_file(name))
+
+
+def refuse_conflicts(pki: Pki, name: str, *, replacing: bool = False) -> RetirePlan | None:
+    """Refuse (InputError, nothing written) what issuing NAME would clash with; return the files to archive.
+
+    Refused: an active certificate of NAME, or of a name that differs only in case (unless `replacing`: then
+    NAME's own active certificates are the ones `replace` revokes); a symbolic link at any of NAME's paths or
+    in archive/NAME/; files at NAME's paths that no certificate of NAME in index.txt accounts for. Files of a
+    name whose certificates are all revoked or expired are not a conflict: they are archived (plan_retire).
+    """
     rows = db.read_index(pki.path(pki.index))
     # nginx compares allowlist map keys without case: `Admin` must not be issued beside an active `admin`.
     active = [r for r in rows if (r.cn or "").lower() == name.lower() and r.is_active()]
-    if active:
-        serials = ", ".join(r.serial for r in active)
-        holder = active[-1].cn
+    other_case = [r for r in active if r.cn != name]
+    if other_case or (active and not replacing):
+        serials = ", ".join(r.serial for r in (other_case or active))
+        holder = (other_case or active)[-1].cn
         if holder != name:
             raise InputError(
                 f"{name!r} differs only in case from {holder!r}, which has an active certificate (serial {serials})",
@@ -164,19 +198,212 @@ def refuse_conflicts(pki: Pki, name: str) -> None:
         has_key = pki.path(ClientFiles(name).key).exists()
         raise InputError(
             f"{name!r} already has an active certificate (serial {serials})",
-            hint=(f"revoke it first, or renew it; to make a new bundle use `mtlsctl export {name}`" if has_key else
-                  f"revoke it first (mtlsctl revoke {name}), or renew it (mtlsctl renew); its key is not on this host"),
+            hint=(f"a lost or broken device: `mtlsctl replace {name}` (the new certificate first, then the old one "
+                  f"revoked); a new bundle of this certificate: `mtlsctl export {name} --force`; or renew it"
+                  if has_key else
+                  f"a lost or broken device: `mtlsctl replace {name}`; or revoke it first (mtlsctl revoke {name}), "
+                  "or renew it (mtlsctl renew); its key is not on this host"),
         )
-    links = [rel for rel in (*ClientFiles(name).all(), f"private/{name}.p12.password") if pki.path(rel).is_symlink()]
+    links = [rel for rel in name_files(name) if pki.path(rel).is_symlink()]
     if links:  # a dangling one too: openssl would create its target wherever it points
         raise InputError(f"{pki.path(links[0])} is a symbolic link; mtlsctl never writes through one",
                          hint="remove it: mtlsctl creates the files of a client itself")
-    existing = [rel for rel in ClientFiles(name).all() if os.path.lexists(pki.path(rel))]
-    if existing:
+    return plan_retire(pki, name, rows)
+
+
+# ------------------------------------------------------------------ the archive of a name's retired files
+
+ARCHIVE = "archive"
+
+
+@dataclass(frozen=True)
+class RetirePlan:
+    """The files of NAME's previous certificate, to be moved to archive/NAME/SERIAL/ before a new one is issued."""
+
+    name: str
+    serial: str  # the certificate they belong to (certs/NAME.crt's, else NAME's newest row)
+    files: tuple[str, ...]  # relative to the PKI, in name_files() order
+
+    @property
+    def directory(self) -> str:
+        return f"{ARCHIVE}/{self.name}/{self.serial}"
+
+    def moves(self, directory: str | None = None) -> list[tuple[str, str]]:
+        where = directory or self.directory
+        return [(rel, f"{where}/{Path(rel).name}") for rel in self.files]
+
+
+@dataclass(frozen=True)
+class Retired:
+    """What retire() did: `moved` (absolute guide paths, now empty) went to `directory` (relative to the PKI)."""
+
+    serial: str
+    directory: str
+    moved: frozenset[Path]
+
+
+def _refuse_archive_links(pki: Pki, name: str) -> None:
+    """archive/ and archive/NAME/ must be directories (or absent): never a symbolic link, never a file."""
+    for rel in (ARCHIVE, f"{ARCHIVE}/{name}"):
+        path = pki.path(rel)
+        if path.is_symlink():
+            raise InputError(f"{path} is a symbolic link; mtlsctl never writes through one",
+                             hint="remove it: mtlsctl creates the archive directories itself (mode 700)")
+        if os.path.lexists(path) and not path.is_dir():
+            raise InputError(f"{path} is not a directory", hint="move it away: mtlsctl keeps retired files there")
+
+
+def plan_retire(pki: Pki, name: str, rows: list[db.IndexRow] | None = None) -> RetirePlan | None:
+    """The files at NAME's paths and the certificate they belong to, or None when there are none.
+
+    Raises InputError when they belong to no certificate of NAME in index.txt (never overwritten, never
+    archived as something they are not), or when the archive path holds a link.
+    """
+    present = tuple(rel for rel in name_files(name) if os.path.lexists(pki.path(rel)))
+    if not present:
+        return None
+    rows = db.read_index(pki.path(pki.index)) if rows is None else rows
+    own = [r for r in rows if r.cn == name]
+    if not own:
         raise InputError(
-            f"files for {name!r} already exist: {', '.join(existing)}",
+            f"files for {name!r} already exist: {', '.join(present)}, and index.txt has no certificate of that name",
             hint="mtlsctl never overwrites a key or certificate; pick another name or move the files away",
         )
+    crt = ClientFiles(name).crt
+    if os.path.lexists(pki.path(crt)):
+        match = [r for r in reversed(own) if db.same_certificate(pki.path(crt), pki.path(db.newcert_path(r.serial)))]
+        if not match:
+            raise InputError(f"{crt} is not a certificate of {name!r} in this CA's database",
+                             hint="mtlsctl never overwrites or archives a certificate it did not issue; move it away")
+        serial = match[0].serial
+    else:
+        serial = own[-1].serial
+    _refuse_archive_links(pki, name)
+    return RetirePlan(name, serial, present)
+
+
+def _open_dir(dir_fd: int, part: str, path: Path) -> int:
+    """Open one directory below `dir_fd` without following a link (refused by name)."""
+    try:
+        return os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP or os.path.islink(path):
+            raise InputError(f"{path} is a symbolic link; mtlsctl never writes through one",
+                             hint="remove it: mtlsctl creates the archive directories itself (mode 700)") from None
+        if exc.errno == errno.ENOTDIR:
+            raise InputError(f"{path} is not a directory", hint="move it away: mtlsctl keeps retired files there") from None
+        raise
+
+
+def _make_dir(dir_fd: int, part: str, path: Path, tx: Transaction, made: list[Path]) -> bool:
+    """Create directory `part` (mode 700) below `dir_fd`, journaled first. False when something exists there
+    already (left alone: a link or a file is refused when it is opened)."""
+    try:
+        os.stat(part, dir_fd=dir_fd, follow_symlinks=False)
+        return False
+    except FileNotFoundError:
+        pass
+    tx.created(path)  # journaled before it exists: a kill after mkdir removes it
+    made.append(path)
+    try:
+        os.mkdir(part, MODE_PRIVATE_DIR, dir_fd=dir_fd)
+    except FileExistsError:
+        made.pop()
+        return False
+    fd = _open_dir(dir_fd, part, path)
+    try:
+        os.fchmod(fd, MODE_PRIVATE_DIR)
+    finally:
+        os.close(fd)
+    return True
+
+
+def retire(pki: Pki, name: str, tx: Transaction, *, replacing: bool = False) -> Retired | None:
+    """Under the writer's lock, inside `tx`: refuse conflicts again, then MOVE the files of NAME's previous
+    certificate to archive/NAME/SERIAL/ (the directories 700, created with mkdir and opened O_NOFOLLOW from
+    the PKI directory down, never followed). The journal holds each file's bytes and mode before it moves,
+    and the archive names as created: a failure or a kill before `tx` commits puts every file back.
+
+    The caller must not record the moved paths as created by `tx` (their snapshot restores them): see
+    `_output`. Returns None when NAME has no files.
+    """
+    plan = refuse_conflicts(pki, name, replacing=replacing)
+    if plan is None:
+        return None
+    if any(r.status == "V" for r in db.read_index(pki.path(pki.index)) if r.cn == name):
+        allow_same_subject(pki, tx)  # an expired row is still V: with unique_subject = yes openssl refuses the new one
+    made: list[Path] = []
+    root_fd = os.open(pki.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    fds = [root_fd]
+    try:
+        rel = ""
+        for part in (ARCHIVE, name):
+            rel = f"{rel}/{part}" if rel else part
+            _make_dir(fds[-1], part, pki.path(rel), tx, made)
+            fds.append(_open_dir(fds[-1], part, pki.path(rel)))
+        n = 1
+        while True:  # always a directory of this run's own: nothing in it to overwrite
+            leaf = plan.serial if n == 1 else f"{plan.serial}-{n}"
+            if _make_dir(fds[-1], leaf, pki.path(f"{rel}/{leaf}"), tx, made):
+                break
+            n += 1
+        directory = f"{rel}/{leaf}"
+        fds.append(_open_dir(fds[-1], leaf, pki.path(directory)))
+        moves = plan.moves(directory)
+        sources = [pki.path(src) for src, _ in moves]
+        targets = [pki.path(dst) for _, dst in moves]
+        tx.snapshot(*sources)  # their bytes and modes: a rollback writes them back
+        tx.created(*targets)
+        for src, target in zip(sources, targets, strict=True):
+            parent_fd = _open_dir(root_fd, src.parent.name, src.parent)  # private/ or certs/, not followed
+            try:
+                os.rename(src.name, target.name, src_dir_fd=parent_fd, dst_dir_fd=fds[-1])
+            finally:
+                os.close(parent_fd)
+        for fd in fds:
+            os.fsync(fd)
+    finally:
+        for fd in fds:
+            os.close(fd)
+    return Retired(plan.serial, directory, frozenset(sources))
+
+
+def retire_committed(pki: Pki, name: str) -> Retired | None:
+    """retire() in a transaction of its own, committed at once (under the writer's lock): for callers whose
+    own transaction records NAME's paths as created (sign-csr, add-client --from-file). Only the files of a
+    revoked or expired certificate are moved, so committing early leaves nothing valid without its files."""
+    with Transaction(pki.root) as tx:
+        return retire(pki, name, tx)
+
+
+def allow_same_subject(pki: Pki, tx: Transaction) -> None:
+    """A new certificate beside a V row of the same subject (expired, or the one `replace` revokes next) needs
+    `unique_subject = no` in index.txt.attr: a PKI made with the guide has `yes` there (FIELD-NOTES)."""
+    attr = pki.path(pki.index_attr)
+    if not attr.exists() or "unique_subject = no" not in attr.read_text():
+        tx.snapshot(attr)
+        atomic_write(attr, "unique_subject = no\n", MODE_PUBLIC)
+
+
+def retire_notes(pki: Pki, name: str, *, replacing: bool = False) -> list[str]:
+    """What --dry-run says about the archive: one `move A -> B` line per file."""
+    plan = refuse_conflicts(pki, name, replacing=replacing)
+    if plan is None:
+        return []
+    return [f"move {src} -> {dst}" for src, dst in plan.moves()] + [
+        f"(the files of serial {plan.serial}; {plan.directory}/ is created mode 700, never followed)"]
+
+
+def _output(tx: Transaction, path: Path, mode: int, step: Callable[[], object], moved: frozenset[Path]) -> None:
+    """produce() for a path retire() may have emptied: such a path is created exclusively but not recorded
+    as created (the journal's snapshot of the old file restores it on rollback; recorded as created too, the
+    rollback would remove it again after restoring it)."""
+    if path not in moved:
+        produce(tx, path, mode, step)
+        return
+    os.close(create_exclusive(path, mode & MODE_SECRET))
+    step()
+    chmod_nofollow(path, mode)
 
 
 def sign_into_database(pki: Pki, cmd: Command, name: str, crt: str, runner: Runner, tx: Transaction) -> db.IndexRow:
@@ -268,34 +495,49 @@ def issue_client(settings: Settings, req: IssueRequest, runner: Runner) -> Issue
         pki.require_ca()
         refuse_conflicts(pki, req.name)
     require_section(pki, req.extensions)
+    with pki_lock(pki.lock_path):
+        return issue_locked(settings, req, runner)
+
+
+def issue_locked(settings: Settings, req: IssueRequest, runner: Runner, *, replacing: bool = False) -> IssueResult:
+    """issue_client's work, with the PKI's writer lock already held (by issue_client, or by `replace`, which
+    revokes the old certificate under the same lock once this returns).
+
+    One transaction: the previous certificate's files (a revoked or expired one; with `replacing`, the active
+    one `replace` revokes next) move to archive/NAME/SERIAL/, then key, CSR and signature. A failure or a kill
+    before the signature is confirmed in index.txt puts everything back where it was, the old files included.
+    """
+    pki = settings.pki
     password = req.password if req.password is not None else generate_password()
     files = ClientFiles(req.name)
     keygen, csr, sign = issue_commands(req)[:3]
-    with pki_lock(pki.lock_path), Transaction(pki.root) as tx:
-        refuse_conflicts(pki, req.name)  # again, under the lock
-        produce(tx, pki.path(files.key), MODE_SECRET, lambda: runner.run(keygen, cwd=pki.root))
-        produce(tx, pki.path(files.csr), MODE_PUBLIC, lambda: runner.run(csr, cwd=pki.root))
+    with Transaction(pki.root) as tx:
+        retired = retire(pki, req.name, tx, replacing=replacing)  # refuses conflicts again, under the lock
+        moved = retired.moved if retired else frozenset()
+        _output(tx, pki.path(files.key), MODE_SECRET, lambda: runner.run(keygen, cwd=pki.root), moved)
+        _output(tx, pki.path(files.csr), MODE_PUBLIC, lambda: runner.run(csr, cwd=pki.root), moved)
+        if pki.path(files.crt) in moved:  # openssl writes into a file mtlsctl made; the snapshot restores the old one
+            os.close(create_exclusive(pki.path(files.crt), MODE_SECRET))
         row = sign_into_database(pki, sign, req.name, files.crt, runner, tx)
         if req.kind == "server":
             write_fullchain(pki, req.name, tx)
-        tx.checkpoint()  # issued: the key, CSR, certificate and database change stay
+        tx.checkpoint()  # issued: the key, CSR, certificate, database change and the archive stay
+        result = IssueResult(
+            name=req.name, serial=row.serial, not_after=row.expires, key=pki.path(files.key),
+            csr=pki.path(files.csr), crt=pki.path(files.crt), p12=None, p12_profile=None, password=None, sans=req.sans,
+            archived=retired.directory if retired else None, archived_serial=retired.serial if retired else None,
+        )
         if req.kind != "client":
-            return IssueResult(
-                name=req.name, serial=row.serial, not_after=row.expires, key=pki.path(files.key),
-                csr=pki.path(files.csr), crt=pki.path(files.crt), p12=None, p12_profile=None, password=None, sans=req.sans,
-            )
+            return result
         try:
             write_p12(pki, req.name, files.p12, password, req.p12, runner, tx)
         except MtlsError as exc:
             raise IssuedButExportFailed(
                 f"certificate for {req.name} issued (serial {row.serial}), but the PKCS#12 export failed: {exc.message}",
-                hint=f"fix the cause, then run `mtlsctl export {req.name}`",
+                hint=f"fix the cause, then run `mtlsctl export {req.name}`", result=result,
             ) from exc
-    return IssueResult(
-        name=req.name, serial=row.serial, not_after=row.expires,
-        key=pki.path(files.key), csr=pki.path(files.csr), crt=pki.path(files.crt), p12=pki.path(files.p12),
-        p12_profile=req.p12, password=None if req.password is not None else password, sans=req.sans,
-    )
+    return replace_fields(result, p12=pki.path(files.p12), p12_profile=req.p12,
+                          password=None if req.password is not None else password)
 
 
 @dataclass(frozen=True)
@@ -305,6 +547,8 @@ class ExportResult:
     p12: Path
     p12_profile: str
     password: str | None = field(repr=False)  # only when generated
+    password_file: Path | None = None  # private/NAME.p12.password, rewritten with the generated password
+    removed_password_file: Path | None = None  # removed: the user gave the password, the old file was stale
 
 
 def export_commands(name: str, out: str, profile: str, certfile: str = Pki.ca_cert) -> list[Command]:
@@ -327,6 +571,29 @@ def current_row(pki: Pki, name: str) -> db.IndexRow:
     raise StateError(f"{files.crt} is not in this CA's database", hint="it was not issued by this PKI")
 
 
+def check_exportable(pki: Pki, name: str, now: datetime | None = None) -> db.IndexRow:
+    """The row of the certificate a bundle would carry, refused unless it is active and a client's.
+
+    Decided from certs/NAME.crt's own row (matched by content), never from whether NAME has some valid row:
+    a newer valid certificate of the name elsewhere does not make a revoked certs/NAME.crt exportable.
+    """
+    row = current_row(pki, name)
+    now = now or datetime.now(timezone.utc)
+    if row.status != "V" or not row.is_active(now):
+        state = "revoked" if row.status == "R" else "expired"
+        raise InputError(f"the certificate of {name!r} in {ClientFiles(name).crt} (serial {row.serial}) is {state}; "
+                         "no bundle is made for it",
+                         hint=f"issue a new one: `mtlsctl add-client {name}` (the old files move to "
+                              f"{ARCHIVE}/{name}/{row.serial}/); for a lost device that is still valid, `mtlsctl replace {name}`")
+    from mtlsctl.x509read import kind_of, read_certificate
+
+    kind = kind_of(read_certificate(pki.path(ClientFiles(name).crt)))
+    if kind != "client":
+        raise InputError(f"{name!r} is not a client certificate (its extended key usage says {kind}); no bundle is made for it",
+                         hint="a PKCS#12 bundle carries a client's key to a device; a server's key stays on the server")
+    return row
+
+
 def export_client(settings: Settings, name: str, *, p12: str | None, password: str | None,
                   out: Path | None, force: bool, runner: Runner) -> ExportResult:
     """Write a fresh PKCS#12 bundle for an issued, active client (atomically; old bundle kept unless --force)."""
@@ -339,6 +606,7 @@ def export_client(settings: Settings, name: str, *, p12: str | None, password: s
         validate.password(password, source="the password option")
     with read_lock(pki.root, writer=True):
         pki.require_ca()
+        check_exportable(pki, name)  # revoked, expired, not a client: exit 2 before anything
     files = ClientFiles(name)
     target = (out if out is not None else pki.path(files.p12)).absolute()
     if out is not None and target.is_dir() and not target.is_symlink():
@@ -350,18 +618,15 @@ def export_client(settings: Settings, name: str, *, p12: str | None, password: s
         raise InputError(f"--out {target}: directory {target.parent} does not exist")
     if not pki.path(files.key).exists():
         raise InputError(f"no private key for {name!r} ({files.key} missing)", hint="a bundle needs the key; a CSR signed elsewhere has none here")
+    # The password file belongs to certs/NAME.p12: a bundle written there replaces it (a generated password)
+    # or removes it (the user's own); a bundle written elsewhere (--out) leaves both alone.
+    own_bundle = os.path.abspath(target) == os.path.abspath(pki.path(files.p12))
+    secret_file = pki.path(password_file(name))
+    if own_bundle:
+        refuse_symlink(secret_file)
     secret = password if password is not None else generate_password()
     with pki_lock(pki.lock_path), Transaction(pki.root) as tx:
-        row = current_row(pki, name)
-        if not row.is_active():
-            state = "revoked" if row.status == "R" else "expired"
-            raise InputError(f"the certificate of {name!r} (serial {row.serial}) is {state}", hint=f"issue a new one: mtlsctl add-client {name}")
-        from mtlsctl.x509read import kind_of, read_certificate
-
-        kind = kind_of(read_certificate(pki.path(files.crt)))
-        if kind != "client":
-            raise InputError(f"{name!r} is not a client certificate (its extended key usage says {kind}); no bundle is made for it",
-                             hint="a PKCS#12 bundle carries a client's key to a device; a server's key stays on the server")
+        row = check_exportable(pki, name)  # again, under the lock
         # openssl writes into a private directory of the PKI; mtlsctl then writes the bytes to an unpredictable
         # mkstemp name next to the target (never followed) and renames it into place.
         workdir = p12_workdir(pki, name, tx)
@@ -371,7 +636,17 @@ def export_client(settings: Settings, name: str, *, p12: str | None, password: s
             shutil.rmtree(workdir, ignore_errors=True)
         tx.snapshot(target)
         atomic_write(target, data, MODE_SECRET)
-    return ExportResult(name, row.serial, target, profile, None if password is not None else secret)
+        written = removed = None
+        if own_bundle and os.path.lexists(secret_file):
+            tx.snapshot(secret_file)
+            if password is None:
+                atomic_write(secret_file, secret + "\n", MODE_SECRET)
+                written = secret_file
+            else:
+                os.unlink(secret_file)
+                removed = secret_file
+    return ExportResult(name, row.serial, target, profile, None if password is not None else secret,
+                        password_file=written, removed_password_file=removed)
 
 
 # ------------------------------------------------------------------ bulk issuance (add-client --from-file)
@@ -385,8 +660,15 @@ class BatchResult:
 
 
 def read_names(text: str) -> list[str]:
-    """One name per line; blank lines and # comments are skipped; every name is validated, duplicates refused."""
+    """One name per line; blank lines and # comments are skipped; every name is validated, duplicates refused.
+
+    Every problem of the file is reported in one run, each with its line number (a list of 200 devices
+    is not fixed one error per run); nothing is issued while any remains.
+    """
     names: list[str] = []
+    first_line: dict[str, int] = {}
+    problems: list[str] = []
+    hints: list[str] = []
     for lineno, line in enumerate(text.splitlines(), 1):
         line = line.split("#", 1)[0].strip()
         if not line:
@@ -394,13 +676,37 @@ def read_names(text: str) -> list[str]:
         try:
             validate.client_name(line)
         except InputError as exc:
-            raise InputError(f"line {lineno}: {exc.message}", hint=exc.hint) from None
-        if line.lower() in (n.lower() for n in names):
-            raise InputError(f"line {lineno}: {line!r} is listed twice (names are unique regardless of case)")
+            problems.append(f"line {lineno}: {exc.message}")
+            if exc.hint and exc.hint not in hints:
+                hints.append(exc.hint)
+            continue
+        first = first_line.get(line.lower())
+        if first is not None:
+            problems.append(f"line {lineno}: {line!r} is listed twice (first on line {first}; names are unique regardless of case)")
+            continue
+        first_line[line.lower()] = lineno
         names.append(line)
+    if len(problems) == 1:
+        raise InputError(problems[0], hint=hints[0] if hints else "fix that line; nothing was issued")
+    if problems:
+        raise InputError(f"the names file has {len(problems)} problems; nothing was issued:\n"
+                         + "\n".join(f"  {p}" for p in problems),
+                         hint="; ".join(hints + ["fix those lines and run the command again"]))
     if not names:
         raise InputError("the names file lists no names", hint="one client name per line")
     return names
+
+
+@contextlib.contextmanager
+def retired_first(pki: Pki, names: list[str]) -> Iterator[None]:
+    """Under the writer's lock, before the batch's transaction: every name's conflicts checked, then the files
+    of the revoked or expired certificates of those names archived, committed (the batch's journal records
+    the guide's paths as created, and its per-client commits would drop the snapshots that restore them)."""
+    for name in names:
+        refuse_conflicts(pki, name)
+    for name in names:
+        retire_committed(pki, name)
+    yield
 
 
 def issue_batch(settings: Settings, names: list[str], runner: Runner, *, days: int | None = None,
@@ -423,7 +729,7 @@ def issue_batch(settings: Settings, names: list[str], runner: Runner, *, days: i
         require_section(pki, reqs[0].extensions)
     workers = workers or os.cpu_count() or 1
     result = BatchResult()
-    with pki_lock(pki.lock_path), Transaction(pki.root) as tx:
+    with pki_lock(pki.lock_path), retired_first(pki, [r.name for r in reqs]), Transaction(pki.root) as tx:
         for req in reqs:
             refuse_conflicts(pki, req.name)
         for req in reqs:  # mtlsctl creates each output first (O_EXCL|O_NOFOLLOW); openssl writes into it

@@ -169,6 +169,30 @@ def refresh_crl(pki: Pki, profile: Profile, runner: Runner, *, if_due: bool, now
     return CrlResult(True, info)
 
 
+def plan_crl(pki: Pki, profile: Profile, *, if_due: bool, now: datetime) -> tuple[list[Command], list[str]]:
+    """What `crl [--if-due]` would run (--dry-run): the same due check as the real run, then its command."""
+    pki.require_ca()
+    current = read_crl_info_or_none(pki, None)  # type: ignore[arg-type]
+    if if_due and not is_due(current, profile.crl.refresh_within_days, now):
+        assert current is not None
+        return [], [f"not due: the CRL is valid until {current.next_update:%Y-%m-%d %H:%M} UTC (crl.refresh_within_days "
+                    f"{profile.crl.refresh_within_days})"]
+    notes = ["there is no CRL yet: one is made"] if current is None else []
+    return [gencrl_command(profile.crl.days, now)], notes + [f"then {CRL_TMP} is renamed to {Pki.crl}"
+                                                            + (f" and {Pki.chain_crl} rebuilt" if pki.has_chain() else "")]
+
+
+def plan_root_crl(pki: Pki, profile: Profile, root_key: str | None, now: datetime) -> tuple[list[Command], list[str]]:
+    """What `crl --root` would run (--dry-run): the ROOT's command (`-name root_ca`), with the same checks."""
+    if not pki.has_chain() or profile.ca.intermediate is None:
+        raise InputError("this PKI has no separate root (profile ca.intermediate is not set)")
+    if root_key is None and not pki.path(pki.root_key).exists():
+        raise InputError("the root key is offline (exported with `mtlsctl root export-offline`)",
+                         hint="bring it back by path: mtlsctl crl --root --root-key /media/usb/root.key")
+    return ([root_gencrl_command(profile.ca.intermediate.root_crl_days, now, root_key)],
+            [f"then {ROOT_CRL_TMP} is renamed to {Pki.root_crl} and {Pki.chain_crl} rebuilt"])
+
+
 def read_root_crl_info(pki: Pki, runner: Runner) -> CrlInfo | None:
     if not pki.path(pki.root_crl).exists():
         return None

@@ -27,7 +27,7 @@ from datetime import datetime
 from pathlib import Path
 
 from mtlsctl import db, openssl, validate, x509read
-from mtlsctl.client import extensions_section, refuse_conflicts, require_section, sign_into_database
+from mtlsctl.client import extensions_section, refuse_conflicts, require_section, retired_first, sign_into_database
 from mtlsctl.errors import InputError, StateError
 from mtlsctl.files import MODE_PUBLIC, Transaction, atomic_write, pki_lock, read_lock
 from mtlsctl.pki import ClientFiles, Pki, Settings
@@ -372,7 +372,8 @@ def sign_csr(settings: Settings, csr_path: Path, name: str, days: int | None, ru
     files = ClientFiles(name)
     with read_lock(pki.root, writer=True):
         refuse_conflicts(pki, name)  # exit 2 before the lock; again under it below
-    with pki_lock(pki.lock_path), Transaction(pki.root) as tx:
+    # retired_first: a revoked/expired predecessor's files (an old key too) go to archive/NAME/SERIAL/ first
+    with pki_lock(pki.lock_path), retired_first(pki, [name]), Transaction(pki.root) as tx:
         refuse_conflicts(pki, name)
         tx.created(pki.path(files.csr))
         atomic_write(pki.path(files.csr), review.pem, MODE_PUBLIC)  # what renew re-signs: the reviewed request

@@ -80,6 +80,60 @@ class IndexRow:
         return self.status == "V" and self.expires > now
 
 
+_RFC2253_SPECIAL = frozenset(',+"\\<>;')
+
+
+def rfc2253(oneline: str) -> str:
+    """index.txt's subject (`/C=ES/O=Org/CN=x`, openssl's X509_NAME_oneline) in RFC 2253 form, exactly as
+    nginx's $ssl_client_s_dn and `openssl x509 -nameopt RFC2253` show it: `CN=x,O=Org,C=ES`.
+
+    The oneline form escapes `/` and `+` with a backslash and writes bytes outside printable ASCII as
+    `\\xHH`; an unescaped `+` joins the values of one multi-valued RDN. RFC 2253 reverses the order, escapes
+    `, + " \\ < > ;`, a leading `#` or space and a trailing space with a backslash, and writes control
+    characters and every byte of a non-ASCII character as `\\XX` (openssl's XN_FLAG_RFC2253).
+    """
+    rdns: list[list[bytearray]] = []
+    cur: bytearray | None = None
+    i, text = 0, oneline
+    while i < len(text):
+        c = text[i]
+        if c == "/" or (c == "+" and rdns):
+            if c == "/":
+                rdns.append([])
+            cur = bytearray()
+            rdns[-1].append(cur)
+            i += 1
+            continue
+        if cur is None:  # text before the first `/`: not a oneline subject, shown as it is
+            return oneline
+        if c == "\\" and text[i + 1:i + 2] in ("/", "+"):
+            cur += text[i + 1].encode()
+            i += 2
+        elif c == "\\" and re.fullmatch(r"x[0-9A-Fa-f]{2}", text[i + 1:i + 4]):
+            cur.append(int(text[i + 2:i + 4], 16))
+            i += 4
+        else:
+            cur += c.encode("utf-8", "replace")
+            i += 1
+    out = []
+    for rdn in reversed(rdns):
+        avas = []
+        for ava in reversed(rdn):
+            key, _, value = bytes(ava).partition(b"=")
+            shown = []
+            for n, b in enumerate(value):
+                ch = chr(b)
+                if b < 0x20 or b >= 0x7F:
+                    shown.append(f"\\{b:02X}")
+                elif ch in _RFC2253_SPECIAL or (n == 0 and ch in "# ") or (n == len(value) - 1 and ch == " "):
+                    shown.append("\\" + ch)
+                else:
+                    shown.append(ch)
+            avas.append(key.decode("ascii", "replace") + "=" + "".join(shown))
+        out.append("+".join(avas))
+    return ",".join(out)
+
+
 def parse_index(text: str, source: str = "index.txt") -> list[IndexRow]:
     rows = []
     for lineno, line in enumerate(text.splitlines(), 1):

@@ -79,14 +79,17 @@ def check_ca(settings: Settings, runner: Runner, now: datetime) -> list[Finding]
         end = not_after(pki.path(pki.ca_cert))
     except MtlsError:
         return [Finding("ca", "error", "ca/ca.crt cannot be read", "restore it from a backup")]
+    from mtlsctl.lifecycle import days_left
+
     left = end - now
+    days = days_left(end, now)
     if left <= timedelta(0):
         return [Finding("ca", "error", f"the CA certificate EXPIRED on {end:%Y-%m-%d}: nginx rejects every client",
                         "create a new CA (mtlsctl init in a new directory) and reissue the clients")]
     if left < timedelta(days=365):
-        return [Finding("ca", "warn", f"the CA certificate expires on {end:%Y-%m-%d} ({left.days} days)",
+        return [Finding("ca", "warn", f"the CA certificate expires on {end:%Y-%m-%d} ({days} days)",
                         "plan a new CA now: every client certificate must be reissued under it")]
-    return [Finding("ca", "ok", f"the CA certificate is valid until {end:%Y-%m-%d} ({left.days} days)")]
+    return [Finding("ca", "ok", f"the CA certificate is valid until {end:%Y-%m-%d} ({days} days)")]
 
 
 def _signed_crl_info(pki: Pki, crl: str, ca: str) -> CrlInfo | None:
@@ -246,11 +249,15 @@ def check_nginx(settings: Settings) -> list[Finding]:
     nginx = settings.profile.nginx
     if not nginx.site_file:
         return [Finding("nginx", "ok", "nginx.site_file is not set in the profile: the rendered site is not checked")]
+    from mtlsctl.nginx import check_site_files
+
     out = []
-    for what, path in (("server_cert", nginx.server_cert), ("server_key", nginx.server_key), ("site_file", nginx.site_file)):
-        if not os.path.exists(path):
-            out.append(Finding("nginx", "error", f"nginx.{what} {path} does not exist",
-                               "mtlsctl add-server / mtlsctl nginx render --out ..." if what != "server_key" else "check the path"))
+    problems, _ = check_site_files(settings.pki, nginx)  # the files the site really serves (render's own check)
+    for problem in problems:
+        out.append(Finding("nginx", "error", f"{problem.directive} {problem.path}: {problem.problem}", problem.fix))
+    if not os.path.exists(nginx.site_file):
+        out.append(Finding("nginx", "error", f"nginx.site_file {nginx.site_file} does not exist",
+                           f"mtlsctl nginx render --out {nginx.site_file}"))
     if os.path.exists(nginx.site_file):
         text, _ = render_site(settings.pki, nginx, ocsp=settings.profile.ocsp)
         with open(nginx.site_file, encoding="utf-8", errors="replace") as fh:

@@ -6,11 +6,13 @@ openssl three times per file). Changes hold the PKI lock and roll back what a fa
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import shutil
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
+from typing import TYPE_CHECKING
 
 from mtlsctl import db, openssl, validate
 from mtlsctl.client import generate_password, write_fullchain
@@ -30,6 +32,9 @@ from mtlsctl.files import (
 )
 from mtlsctl.pki import DB_FILES_WITH_BACKUPS, ClientFiles, Pki, Settings
 from mtlsctl.runner import Command, Runner
+
+if TYPE_CHECKING:
+    from mtlsctl.client import IssueRequest, IssueResult
 
 # RFC 5280 reasons openssl ca accepts; never removeFromCRL (it marks R but is not treated as revoked).
 REASONS = ("unspecified", "keyCompromise", "CACompromise", "affiliationChanged", "superseded",
@@ -53,10 +58,24 @@ def serial(value: str) -> str:
     return text.zfill(len(text) + len(text) % 2)
 
 
-def status_of(row: db.IndexRow, now: datetime) -> str:
+STATUSES = ("valid", "expiring", "expired", "revoked")
+
+
+def status_of(row: db.IndexRow, now: datetime, expiring_days: int = 0) -> str:
+    """revoked; expired (past notAfter: openssl leaves such rows V until -updatedb); expiring (valid, but
+    notAfter within `expiring_days`, the profile's renew.within_days); else valid. Computed at run time."""
     if row.status == "R":
         return "revoked"
-    return "valid" if row.is_active(now) else "expired"
+    if not row.is_active(now):
+        return "expired"
+    return "expiring" if row.expires <= now + timedelta(days=expiring_days) else "valid"
+
+
+def days_left(when: datetime, now: datetime) -> int:
+    """Whole days until `when`, counting a started day: 365 for a certificate issued for 365 days a moment
+    ago, 1 when it ends within the next 24 hours, 0 or less once it has ended. Every day count mtlsctl
+    prints (list, the CA and CRL lines) uses this one rule."""
+    return math.ceil((when - now).total_seconds() / 86400)
 
 
 def cert_file(pki: Pki, row: db.IndexRow) -> str:
@@ -149,6 +168,155 @@ def revoke(settings: Settings, *, name: str | None, serial_hex: str | None, why:
     return RevokeResult([r.serial for r in todo], already, expired, crl)
 
 
+# ------------------------------------------------------------------ replace (a lost or broken device)
+
+# The default reason is keyCompromise: `replace` is for a device that is lost, stolen or broken, whose key must
+# be presumed in other hands. nginx refuses a revoked certificate whatever the reason, so the reason only tells
+# whoever reads the CRL what happened: erring towards keyCompromise costs nothing, erring the other way
+# understates an incident. A routine swap (a new phone, the old one wiped) can say --reason superseded.
+REPLACE_REASON = "keyCompromise"
+
+
+@dataclass
+class ReplaceResult:
+    name: str
+    kind: str  # client or server
+    reason: str
+    issued: IssueResult  # the new certificate (with the password when it was generated)
+    old: list[str]  # the serials of NAME that were active before: revoked by this run unless `problems` says not
+    revoked: list[str]
+    crl: CrlInfo | None = None
+    problems: list[str] = field(default_factory=list)  # what failed once the new certificate existed
+    todo: list[str] = field(default_factory=list)  # the command that finishes each problem
+
+
+def replace_request(settings: Settings, name: str, *, days: int | None = None, key_type: str | None = None,
+                    p12: str | None = None, password: str | None = None) -> IssueRequest:
+    """The new certificate's request, modelled on NAME's newest certificate: its kind (client or server) and
+    its SANs (read from the parsed certificate), its key type unless --key-type; --days or the profile's."""
+    from mtlsctl.client import build_request
+    from mtlsctl.x509read import facts, read_certificate
+
+    pki = settings.pki
+    validate.client_name(name)
+    pki.require_ca()
+    with read_lock(pki.root, writer=True):
+        rows = [r for r in db.read_index(pki.path(pki.index)) if r.cn == name]
+        if not rows:
+            raise InputError(f"no certificate named {name!r} in index.txt", hint=f"issue one: mtlsctl add-client {name}")
+        old = facts(read_certificate(pki.path(cert_file(pki, rows[-1]))))
+    if old.kind not in ("client", "server"):
+        raise InputError(f"{name!r} is not a client or server certificate (its extended key usage says {old.kind}); "
+                         "replace re-issues those only",
+                         hint="the OCSP signer is re-issued by `mtlsctl ocsp setup`" if old.kind == "ocsp"
+                         else f"revoke it: mtlsctl revoke {name}")
+    sans = [f"{kind}:{value}" for kind, value in old.sans if value is not None]
+    same_type = old.key.type if old.key.type in ("rsa", "ec") else None
+    return build_request(settings, name, days=days, key_type=key_type or same_type, p12=p12, sans=sans,
+                         password=password, kind=old.kind)
+
+
+def _replace_targets(pki: Pki, name: str, now: datetime) -> list[db.IndexRow]:
+    """NAME's active certificates, which replace revokes once the new one exists. Each must have a file
+    `openssl ca -revoke` can read (certs/NAME.crt or newcerts/SERIAL.pem): refused before anything is written."""
+    rows = [r for r in db.read_index(pki.path(pki.index)) if r.cn == name and r.is_active(now)]
+    for row in rows:
+        cert_file(pki, row)  # StateError naming the missing file
+    return rows
+
+
+def _old_cert_file(pki: Pki, row: db.IndexRow, issued: IssueResult) -> str:
+    """The file to revoke an old row from: its archived certs/NAME.crt (as the guide revokes certs/NAME.crt),
+    else newcerts/SERIAL.pem."""
+    if issued.archived and issued.archived_serial == row.serial:
+        archived = f"{issued.archived}/{issued.name}.crt"
+        if db.same_certificate(pki.path(archived), pki.path(db.newcert_path(row.serial))):
+            return archived
+    return cert_file(pki, row)
+
+
+def plan_replace(settings: Settings, req: IssueRequest, why: str, now: datetime | None = None) -> tuple[list[str], list[Command]]:
+    """What `replace --dry-run` prints: the moves to the archive, then the commands in the order they run."""
+    from mtlsctl.client import issue_commands, refuse_conflicts, require_section
+    from mtlsctl.crl import gencrl_command
+
+    pki = settings.pki
+    now = now or datetime.now(timezone.utc)
+    require_section(pki, req.extensions)
+    with read_lock(pki.root, writer=True):
+        old = _replace_targets(pki, req.name, now)
+        plan = refuse_conflicts(pki, req.name, replacing=True)
+        files = {row.serial: cert_file(pki, row) for row in old}
+    notes = [f"move {src} -> {dst}" for src, dst in plan.moves()] if plan else []
+    if plan:
+        notes.append(f"({plan.directory}/ is created mode 700; the old files are put back if anything fails before "
+                     "the new certificate is in index.txt)")
+    commands = issue_commands(req, pki.ca_bundle)
+    for row in old:
+        held = files[row.serial]
+        if plan and plan.serial == row.serial and held == ClientFiles(req.name).crt:
+            held = f"{plan.directory}/{req.name}.crt"
+        commands.append(revoke_command(held, why))
+    if old:
+        commands.append(gencrl_command(settings.profile.crl.days, now))
+    else:
+        notes.append(f"nothing to revoke: {req.name} has no active certificate")
+    return notes, commands
+
+
+def replace(settings: Settings, req: IssueRequest, why: str, runner: Runner, now: datetime | None = None) -> ReplaceResult:
+    """Replace NAME's certificate in one step, under one lock: the new certificate first (the old files move to
+    archive/NAME/SERIAL/; the old certificate stays valid until the new one is in index.txt), then every
+    certificate of NAME that was active before is revoked with `why`, then the CRL is regenerated.
+
+    A failure (or a kill) before the new certificate exists puts everything back: the old one is valid and
+    its files are where they were. A failure after it is reported in `problems`, each with the command that
+    finishes it in `todo` (the new certificate stays: the device may already have it).
+    """
+    from mtlsctl.client import IssuedButExportFailed, issue_locked, refuse_conflicts, require_section
+
+    pki = settings.pki
+    name = req.name
+    require_section(pki, req.extensions)
+    with read_lock(pki.root, writer=True):  # first checks: exit 2 (or 1) before anything is written
+        pki.require_ca()
+        _replace_targets(pki, name, now or datetime.now(timezone.utc))
+        refuse_conflicts(pki, name, replacing=True)
+    with pki_lock(pki.lock_path):
+        now = now or datetime.now(timezone.utc)
+        old = _replace_targets(pki, name, now)  # again, under the lock: exactly these are revoked below
+        problems: list[str] = []
+        todo: list[str] = []
+        try:
+            issued = issue_locked(settings, req, runner, replacing=True)
+        except IssuedButExportFailed as exc:
+            assert exc.result is not None
+            issued = exc.result
+            problems.append(f"the PKCS#12 bundle was not written: {exc.message}")
+            todo.append(f"mtlsctl export {name}")
+        # The new certificate exists from here on: now the old ones go.
+        revoked: list[str] = []
+        for row in old:
+            try:
+                with Transaction(pki.root) as tx:
+                    revoke_row(pki, row, why, runner, tx, cert=_old_cert_file(pki, row, issued))
+                revoked.append(row.serial)
+            except MtlsError as exc:
+                problems.append(f"the old certificate (serial {row.serial}) is NOT revoked: {exc.message}")
+                todo.append(f"mtlsctl revoke --serial {row.serial} --reason {why}")
+        crl = None
+        if revoked:
+            try:
+                with Transaction(pki.root) as tx:
+                    generate_crl(pki, settings.profile.crl.days, runner, tx, now)
+                crl = read_crl_info(pki, runner)
+            except MtlsError as exc:
+                problems.append(f"serial {', '.join(revoked)} is revoked in index.txt, but the CRL was not regenerated, "
+                                f"so nginx still accepts it: {exc.message}")
+                todo.append("mtlsctl crl")
+    return ReplaceResult(name, req.kind, why, issued, [r.serial for r in old], revoked, crl, problems, todo)
+
+
 # ------------------------------------------------------------------ list
 
 
@@ -173,10 +341,6 @@ class CertEntry:
         }
 
 
-def _days_left(not_after: datetime, now: datetime) -> int:
-    return int((not_after - now).total_seconds() // 86400)
-
-
 def list_certs(settings: Settings, *, status: str | None = None, expiring_within: int | None = None,
                now: datetime | None = None) -> list[CertEntry]:
     """Every certificate in index.txt, oldest first, with the files that exist for it."""
@@ -189,11 +353,14 @@ def list_certs(settings: Settings, *, status: str | None = None, expiring_within
         if row.cn:
             latest[row.cn] = row.serial
     out = []
+    if status is not None and status not in STATUSES:
+        raise InputError(f"--status {status!r} is not a status", hint="use " + ", ".join(STATUSES))
+    window = settings.profile.renew.within_days
     for row in rows:
-        st = status_of(row, now)
+        st = status_of(row, now, window)
         if status is not None and st != status:
             continue
-        if expiring_within is not None and not (st == "valid" and row.expires <= now + timedelta(days=expiring_within)):
+        if expiring_within is not None and not (st in ("valid", "expiring") and row.expires <= now + timedelta(days=expiring_within)):
             continue
         name = row.cn or ""
         files: list[str] = []
@@ -202,8 +369,8 @@ def list_certs(settings: Settings, *, status: str | None = None, expiring_within
             files = [rel for rel in (cf.key, cf.csr, cf.p12) if pki.path(rel).exists()]
             if db.same_certificate(pki.path(cf.crt), pki.path(f"newcerts/{row.serial}.pem")):
                 files.insert(2, cf.crt)
-        out.append(CertEntry(name, row.serial, st, row.expires, _days_left(row.expires, now), row.revoked_at,
-                             row.reason, row.subject, files))
+        out.append(CertEntry(name, row.serial, st, row.expires, days_left(row.expires, now), row.revoked_at,
+                             row.reason, db.rfc2253(row.subject), files))
     return out
 
 
@@ -272,6 +439,31 @@ def _archive_name(pki: Pki, crt: str, now: datetime) -> str:
     while os.path.lexists(pki.path(candidate)):
         candidate, n = f"{base}.{n}", n + 1
     return candidate
+
+
+def renew_plan(settings: Settings, report: RenewReport, days: int, now: datetime) -> list[tuple[str, list[Command]]]:
+    """Every openssl command a real `renew` runs, in its order (what --dry-run prints, --json too): per due
+    certificate its signing, the old one's revocation (superseded), a client's new bundle and its read-back;
+    then the CRL, once. Temporary directories show as XXXXXX; the CRL dates as of `now`."""
+    from mtlsctl.client import P12_WORKDIR
+    from mtlsctl.crl import gencrl_command
+
+    pki, profile = settings.pki, settings.profile
+    plan: list[tuple[str, list[Command]]] = []
+    for row in report.due:
+        name = row.cn or ""
+        files = ClientFiles(name)
+        kind, commands = renew_commands(settings, row, days)
+        if profile.renew.revoke_superseded:
+            commands.append(revoke_command(_archive_name(pki, files.crt, now), "superseded"))
+        if kind == "client" and pki.path(files.key).exists():
+            rel = f"{P12_WORKDIR}/{name}.p12"
+            commands += [openssl.pkcs12_export(name, files.key, files.crt, rel, None, profile.clients.p12, pki.ca_bundle),
+                         openssl.pkcs12_check(rel, None, profile.clients.p12)]
+        plan.append((f"{name} ({kind}): serial {row.serial} expires {row.expires:%Y-%m-%d %H:%M} UTC", commands))
+    if report.crl_regenerated:
+        plan.append(("the CRL, once", [gencrl_command(profile.crl.days, now)]))
+    return plan
 
 
 def renew_commands(settings: Settings, row: db.IndexRow, days: int) -> tuple[str, list[Command]]:

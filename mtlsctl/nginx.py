@@ -15,8 +15,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from mtlsctl.errors import ExternalCommandError, InputError
-from mtlsctl.pki import Pki
+from mtlsctl import db
+from mtlsctl.errors import ExternalCommandError, InputError, MtlsError, StateError
+from mtlsctl.pki import ClientFiles, Pki
 from mtlsctl.profile import NginxProfile, OcspProfile, RateLimit, allow_regex, nginx_safe
 from mtlsctl.runner import run_argv
 from mtlsctl.templates import render_file
@@ -66,9 +67,81 @@ def served_certificate(pki: Pki, server_cert: str) -> str:
     return server_cert
 
 
+PLACEHOLDER_CERT = NginxProfile.model_fields["server_cert"].default
+PLACEHOLDER_KEY = NginxProfile.model_fields["server_key"].default
+
+
+@dataclass(frozen=True)
+class ServerFiles:
+    """What the site's ssl_certificate / ssl_certificate_key name, and why.
+
+    source "profile": nginx.server_cert / server_key as the profile gives them. source "pki": both were left
+    at their placeholders (/etc/ssl/...secure.example.com...) and the PKI holds the server certificate to
+    serve (`mtlsctl add-server NAME`): certs/NAME.crt (served as its fullchain) and private/NAME.key.
+    """
+
+    cert: str
+    key: str
+    source: str
+    name: str | None = None
+    why: str = ""  # pki source: which rule picked NAME; profile source: why no PKI certificate was chosen
+    candidates: tuple[str, ...] = ()  # the PKI's active server certificates (names)
+
+
+def active_server_names(pki: Pki) -> list[str]:
+    """Names of the PKI's active server certificates (index.txt valid and unexpired, certs/NAME.crt holding that
+    serial, EKU serverAuth read from the certificate); none when there is no database."""
+    from mtlsctl.x509read import kind_of, read_certificate
+
+    try:
+        rows = db.read_index(pki.path(pki.index))
+    except (OSError, StateError):
+        return []
+    names: list[str] = []
+    for row in rows:
+        if not row.is_active() or not row.cn or row.cn in names:
+            continue
+        crt = pki.path(ClientFiles(row.cn).crt)
+        try:
+            nginx_safe(str(pki.path(ClientFiles(row.cn).key)), "path")  # a hand-made CN nginx could not read as a path
+            nginx_safe(str(crt), "path")
+        except ValueError:
+            continue
+        if "/" in row.cn or row.cn.startswith(".") or not db.same_certificate(crt, pki.path(db.newcert_path(row.serial))):
+            continue
+        try:
+            if kind_of(read_certificate(crt)) == "server":
+                names.append(row.cn)
+        except (MtlsError, ValueError):
+            continue
+    return sorted(names)
+
+
+def server_files(pki: Pki, nginx: NginxProfile) -> ServerFiles:
+    """The certificate and key the rendered site names: the profile's, or, when both are left at their
+    placeholders, the PKI's server certificate named like nginx.server_name, or else its only one."""
+    if nginx.server_cert != PLACEHOLDER_CERT or nginx.server_key != PLACEHOLDER_KEY:
+        return ServerFiles(nginx.server_cert, nginx.server_key, "profile", why="set in the profile")
+    names = tuple(active_server_names(pki))
+    if nginx.server_name in names:
+        name, why = nginx.server_name, "the one named like nginx.server_name"
+    elif len(names) == 1:
+        name, why = names[0], "the only active server certificate in the PKI"
+    else:
+        why = ("the PKI has no active server certificate" if not names else
+               f"the PKI has {len(names)} active server certificates ({', '.join(names)}) and none is named "
+               f"like nginx.server_name ({nginx.server_name})")
+        return ServerFiles(nginx.server_cert, nginx.server_key, "profile", why=why, candidates=names)
+    files = ClientFiles(name)
+    return ServerFiles(str(pki.path(files.crt)), str(pki.path(files.key)), "pki", name=name, why=why, candidates=names)
+
+
 def render_site(pki: Pki, nginx: NginxProfile, *, verify_client: str | None = None,
                 rate_limit: RateLimit | None = None, ocsp: OcspProfile | None = None) -> tuple[str, list[str]]:
-    """The site file for the http {} context, and warnings for the admin."""
+    """The site file for the http {} context, and warnings for the admin.
+
+    Pure rendering: it names files but does not check them (`render_checked` does, and refuses a PKI
+    without a CA)."""
     verify = verify_client or nginx.verify_client
     if verify not in ("on", "optional"):
         raise InputError(f"--verify-client {verify!r} is not allowed", hint="use on or optional (optional_no_ca admits self-signed certificates)")
@@ -106,8 +179,9 @@ def render_site(pki: Pki, nginx: NginxProfile, *, verify_client: str | None = No
         checks.append(f"        limit_req zone={site}_req burst={limit.burst} nodelay;\n        limit_req_status 429;")
     if not nginx.crl:
         warnings.append("nginx.crl is false: revoked certificates are ACCEPTED by nginx")
-    served = served_certificate(pki, nginx.server_cert)
-    if pki.has_chain() and served == nginx.server_cert and Path(served).parent == pki.path("certs"):
+    chosen = server_files(pki, nginx)
+    served = served_certificate(pki, chosen.cert)
+    if pki.has_chain() and served == chosen.cert and Path(served).parent == pki.path("certs"):
         chain = Path(served).with_name(Path(served).stem + ".fullchain.pem")
         warnings.append(f"{served} is served without the issuing CA: clients that trust only the root cannot build the "
                         f"chain; write {chain} (`cat {served} {pki.path(pki.ca_cert)} > {chain}`, or renew the server "
@@ -126,8 +200,12 @@ def render_site(pki: Pki, nginx: NginxProfile, *, verify_client: str | None = No
         "site": site,
         "http_snippets": "".join(snippets),
         "listen": _listen_lines(nginx.listen, nginx.http2),
+        "server_note": (f"    # nginx.server_cert and server_key are left at their placeholders, so this serves the PKI's\n"
+                        f"    # server certificate {chosen.name} ({chosen.why}; `mtlsctl add-server`).\n"
+                        "    # Set nginx.server_cert / server_key in the profile to serve another one.\n"
+                        if chosen.source == "pki" else ""),
         "server_cert": served,
-        "server_key": nginx.server_key,
+        "server_key": chosen.key,
         "client_ca": str(pki.path(pki.ca_bundle)),
         "verify_client": verify,
         "verify_depth": str(nginx.verify_depth),
@@ -138,6 +216,126 @@ def render_site(pki: Pki, nginx: NginxProfile, *, verify_client: str | None = No
         "location_checks": ("\n\n".join(checks) + "\n") if checks else "",
         "upstream": nginx.upstream,
     })
+    return text, warnings
+
+
+# ------------------------------------------------------------------ the files the site names
+
+
+@dataclass(frozen=True)
+class FileProblem:
+    """A file the rendered site names that nginx could not use: which directive, which path, what, and the fix."""
+
+    directive: str
+    path: str
+    problem: str
+    fix: str
+
+    def line(self) -> str:
+        return f"{self.directive} {self.path} {self.problem}; fix: {self.fix}"
+
+
+class SiteFilesMissing(StateError):
+    """The rendered site names files nginx cannot use: nothing was written (exit 1); --force writes anyway."""
+
+    def __init__(self, problems: list[FileProblem]) -> None:
+        self.problems = problems
+        super().__init__(f"the site names {len(problems)} file(s) nginx cannot use, so nothing was written",
+                         hint="fix them (see above) and render again, or add --force to write it anyway")
+
+    def lines(self) -> list[str]:
+        return ([f"error: {p.line()}" for p in self.problems]
+                + [f"error: {self.message}", f"hint: {self.hint}"])
+
+
+def _stat_problem(path: str, directory: bool = False) -> str | None:
+    """None when `path` is a regular file (a directory for `directory`), following symlinks as nginx does;
+    else what is wrong. PermissionError propagates: whether root can read it is not knowable from here."""
+    import stat as stat_mod
+
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return "is a symbolic link to nothing" if os.path.islink(path) else "does not exist"
+    except NotADirectoryError:
+        return "does not exist (a component of the path is not a directory)"
+    if directory:
+        return None if stat_mod.S_ISDIR(st.st_mode) else "is not a directory"
+    if not stat_mod.S_ISREG(st.st_mode):
+        return "is not a regular file"
+    return None
+
+
+def check_site_files(pki: Pki, nginx: NginxProfile) -> tuple[list[FileProblem], list[str]]:
+    """Every file the rendered site names, checked as nginx will need it: (problems, warnings).
+
+    nginx's master process reads ssl_certificate, ssl_certificate_key, ssl_client_certificate and ssl_crl
+    as root, at start and reload, and opens the logs as root: so "readable by nginx" is checked as exists
+    and is a regular file (a directory, for the logs' directories: nginx does not create it), following
+    symbolic links as nginx does. The key must also not be world-readable. A path mtlsctl itself cannot
+    look at (permission denied, say when not run as root) is a warning, not a problem: root may read it.
+    """
+    chosen = server_files(pki, nginx)
+    served = served_certificate(pki, chosen.cert)
+    at_placeholders = nginx.server_cert == PLACEHOLDER_CERT and nginx.server_key == PLACEHOLDER_KEY
+    if chosen.source == "pki":
+        cert_fix = key_fix = (f"issue the server certificate again: `mtlsctl add-server {chosen.name}` (after moving "
+                              "its files away), or set nginx.server_cert and nginx.server_key in the profile")
+    elif at_placeholders and chosen.candidates:
+        cert_fix = key_fix = (f"{chosen.why}: set nginx.server_name to one of them, or nginx.server_cert and "
+                              "nginx.server_key in the profile")
+    elif at_placeholders:
+        cert_fix = key_fix = (f"issue one with `mtlsctl add-server {nginx.server_name}` (render then uses it), or set "
+                              "nginx.server_cert and nginx.server_key in the profile to your certificate and key")
+    else:
+        cert_fix = ("set nginx.server_cert in the profile to your certificate's path (or `mtlsctl add-server NAME` "
+                    "and point it at <pki>/certs/NAME.crt)")
+        key_fix = "set nginx.server_key in the profile to the certificate's key (<pki>/private/NAME.key for add-server)"
+    checks = [("ssl_certificate", served, False, cert_fix),
+              ("ssl_certificate_key", chosen.key, False, key_fix),
+              ("ssl_client_certificate", str(pki.path(pki.ca_bundle)), False,
+               "the PKI's CA certificate is missing: check the PKI with `mtlsctl doctor`")]
+    if nginx.crl:
+        checks.append(("ssl_crl", str(pki.path(pki.crl_bundle)), False, "run `mtlsctl crl` (it writes the CRL)"))
+    for directive, log in (("access_log", nginx.access_log), ("error_log", nginx.error_log)):
+        parent = str(Path(log).parent)
+        checks.append((f"{directive} directory", parent, True,
+                       f"create it (`mkdir -p {parent}`: nginx does not), or set nginx.{directive} in the profile"))
+    problems: list[FileProblem] = []
+    warnings: list[str] = []
+    seen: set[tuple[str, str]] = set()
+    for directive, path, is_dir, fix in checks:
+        if (directive, path) in seen:
+            continue
+        seen.add((directive, path))
+        try:
+            problem = _stat_problem(path, directory=is_dir)
+            if problem is None and directive == "ssl_certificate_key" and os.stat(path).st_mode & 0o004:
+                problems.append(FileProblem(directive, path, "is readable by every user of this host",
+                                            f"`chmod 600 {path}` (nginx's master reads it as root)"))
+                continue
+        except PermissionError:
+            warnings.append(f"{directive} {path}: cannot check it (permission denied); nginx's master reads it as root, "
+                            "so run `mtlsctl nginx render` as root to check it")
+            continue
+        if problem is not None:
+            problems.append(FileProblem(directive, path, problem, fix))
+    return problems, warnings
+
+
+def render_checked(pki: Pki, nginx: NginxProfile, *, verify_client: str | None = None,
+                   rate_limit: RateLimit | None = None, ocsp: OcspProfile | None = None,
+                   force: bool = False) -> tuple[str, list[str]]:
+    """`mtlsctl nginx render`: refuse a directory without a CA (exit 2), render, then check every file the site
+    names (check_site_files). A problem raises SiteFilesMissing (exit 1, nothing written) unless `force`,
+    which returns the text with each problem as a warning."""
+    pki.require_ca()
+    text, warnings = render_site(pki, nginx, verify_client=verify_client, rate_limit=rate_limit, ocsp=ocsp)
+    problems, unchecked = check_site_files(pki, nginx)
+    warnings += unchecked
+    if problems and not force:
+        raise SiteFilesMissing(problems)
+    warnings += [f"written anyway (--force): {p.line()}" for p in problems]
     return text, warnings
 
 

@@ -20,6 +20,24 @@ DEFAULT_PKI_DIR = "/etc/nginx/pki"
 
 
 
+# A refusal names the character. repr() alone is unreadable for quotes ("'" is an apostrophe inside double
+# quotes) and for control characters, so those are named in words as well.
+_CHAR_NAMES = {"'": "the apostrophe (')", '"': 'the double quote (")', "`": "the backtick (`)", " ": "a space (' ')",
+               "\t": "a tab ('\\t')", "\n": "a line break ('\\n')", "\r": "a carriage return ('\\r')"}
+# What openssl.cnf makes of each character config_unsafe() refuses (anything else there is a control character).
+_CNF_MEANING = {"'": "a quote", '"': "a quote", "`": "a quote it silently drops", "$": "a variable",
+                "#": "the start of a comment", "\\": "an escape", "\n": "the end of the line", "\r": "the end of the line"}
+
+
+def show_char(c: str) -> str:
+    """One character as a refusal shows it: '#', '$' as written; quotes, blanks and control characters in words."""
+    if c in _CHAR_NAMES:
+        return _CHAR_NAMES[c]
+    if not c.isprintable():
+        return f"the control character {c!r} (U+{ord(c):04X})"
+    return repr(c)
+
+
 class _Strict(BaseModel):
     # strict: "365" (a string) or `true` are not days; extra: a typo is an error, not a silent default.
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
@@ -77,7 +95,10 @@ class Subject(_Strict):
             raise ValueError("at most 64 characters")
         bad = validate.config_unsafe(v)
         if bad:
-            raise ValueError(f"contains {', '.join(repr(c) for c in bad)}, which openssl.cnf would read as syntax")
+            raise ValueError("contains " + ", ".join(
+                f"{show_char(c)} at position {v.index(c) + 1} (openssl.cnf "
+                + (f"reads it as {_CNF_MEANING[c]})" if c in _CNF_MEANING else "cannot hold it)")
+                for c in sorted(bad, key=v.index)) + (": remove it" if len(bad) == 1 else ": remove them"))
         if v != v.strip() or not v:
             raise ValueError("empty or surrounded by spaces")
         return v
@@ -211,7 +232,7 @@ def nginx_safe(value: str, what: str = "value", allow_space: bool = False) -> st
     """Refuse what would inject nginx syntax: ; { } quotes $ \\ # backticks, control characters."""
     bad = sorted({c for c in value if c in _NGINX_UNSAFE or not c.isprintable() or (c.isspace() and not allow_space)})
     if bad:
-        raise ValueError(f"{what} contains {', '.join(repr(c) for c in bad)}, which nginx would read as syntax")
+        raise ValueError(f"{what} contains {', '.join(show_char(c) for c in bad)}, which nginx would read as syntax")
     if not value:
         raise ValueError(f"{what} is empty")
     return value
@@ -264,7 +285,7 @@ def allow_regex(entry: str) -> str:
     body = entry[1:].removeprefix("^").removesuffix("$") if regex else entry  # we anchor it ourselves
     bad = sorted({c for c in body if c in _ALLOW_UNSAFE or not c.isprintable()})
     if bad:
-        raise ValueError(f"entry {entry!r} contains {', '.join(repr(c) for c in bad)}, which nginx would read as syntax")
+        raise ValueError(f"entry {entry!r} contains {', '.join(show_char(c) for c in bad)}, which nginx would read as syntax")
     if entry.startswith("~*"):
         raise ValueError(f"regex {entry!r} uses ~* (case-insensitive); entries match case-sensitively, write ~REGEX")
     if regex:
@@ -307,7 +328,8 @@ class NginxProfile(_Strict):
     """The mTLS site nginx serves (`mtlsctl nginx render`) and how mtlsctl tests and reloads nginx."""
 
     server_name: str = Field(default="secure.example.com", description="nginx server_name")
-    listen: str = Field(default="443", description='"PORT" (IPv4 and [::]) or "ADDR:PORT" / "[V6]:PORT"')
+    listen: str = Field(default="443", description='PORT, as a number (443) or a string ("443"): IPv4 and [::]; '
+                        'or "ADDR:PORT" / "[V6]:PORT"')
     http2: bool = Field(default=True, description="HTTP/2 on the listen socket (`listen ... ssl http2`, nginx 1.22 syntax)")
     server_cert: str = Field(default="/etc/ssl/certs/secure.example.com.crt", description="ssl_certificate")
     server_key: str = Field(default="/etc/ssl/private/secure.example.com.key", description="ssl_certificate_key")
@@ -352,6 +374,13 @@ class NginxProfile(_Strict):
         if "/../" in v + "/":
             raise ValueError("must not contain '..'")
         return v
+
+    @field_validator("listen", mode="before")
+    @classmethod
+    def _listen_number(cls, v: object) -> object:
+        # `listen: 443` in YAML is an int; a port is the one number that means the same as its string.
+        # (Not bool: YAML's `yes` is a bool and no port.)
+        return str(v) if isinstance(v, int) and not isinstance(v, bool) else v
 
     @field_validator("listen")
     @classmethod

@@ -32,7 +32,7 @@ import pytest
 
 from mtlsctl import backup as backup_mod
 
-from .conftest import is_two_tier, openssl, run_cli, tree
+from .conftest import is_two_tier, openssl, run_cli, set_profile, tree
 
 pytestmark = pytest.mark.integration
 
@@ -533,3 +533,22 @@ def test_restore_warns_about_openssl_cnf_directives_that_load_code(tiered_pki, p
     assert any("`.include`" in w for w in warnings), warnings
     res = cli("restore", str(plain_backup), "--pki-dir", str(tmp_path / "clean"), "--json")
     assert res.code == 0 and json.loads(res.out)["warnings"] == []
+
+
+def test_a_replaced_devices_archive_is_backed_up_and_restored_private(fast_pki, tmp_path):
+    """archive/NAME/SERIAL/ holds a replaced device's old key: the backup keeps it, restore gives it private modes."""
+    set_profile(fast_pki, nginx={"reload_command": "", "test_command": ""})
+    assert cli("--pki-dir", str(fast_pki), "add-client", "phone").code == 0
+    assert cli("--pki-dir", str(fast_pki), "replace", "phone", "--no-reload").code == 0
+    (old_key,) = fast_pki.glob("archive/phone/*/phone.key")
+    out = tmp_path / "pki.tgz"
+    res = cli("--pki-dir", str(fast_pki), "backup", "--out", str(out), "--json")
+    assert res.code == 0, res.err
+    assert not any("archive" in s for s in json.dumps(json.loads(res.out).get("skipped", [])).split('"')), res.out
+    new = tmp_path / "restored"
+    res = cli("restore", str(out), "--pki-dir", str(new))
+    assert res.code == 0, res.err
+    restored = new / old_key.relative_to(fast_pki)
+    assert restored.read_bytes() == old_key.read_bytes()
+    assert restored.stat().st_mode & 0o777 == 0o600 and restored.parent.stat().st_mode & 0o777 == 0o700
+    assert (new / "archive").stat().st_mode & 0o777 == 0o700

@@ -107,7 +107,8 @@ def test_bad_key_type_and_p12_profile(fast_pki, mtls):
     ("ca:\n  subject: {CN: 'a$b'}\n", ["ca.subject.CN", "'$'"]),
     ("ca:\n  subject: {CN: x, C: Spain}\n", ["ca.subject.C", "two capital letters"]),
     ("ca:\n  subject: {CN: x, E: y}\n", ["ca.subject.E: unknown key; allowed: C, ST, L, O, OU, CN"]),
-    ("nginx: {listen: 443}\n", ["nginx.listen: 443 is not allowed: input should be a valid string"]),
+    # `listen: 443` is accepted as a port (issue 13); a boolean is still not one
+    ("nginx: {listen: true}\n", ["nginx.listen: True is not allowed: input should be a valid string"]),
     ("nginx: {lisen: '443'}\n", ["nginx.lisen: unknown key; allowed: server_name, listen"]),
     ("nginx: {server_name: 'a.example; include /etc/shadow'}\n", ["nginx.server_name", "';'"]),
     ("nginx: {allow: ['CN=a\"; }']}\n", ["nginx.allow"]),
@@ -145,7 +146,9 @@ def test_bad_key_type_and_p12_profile(fast_pki, mtls):
     ("nginx: {allow: ['~*cn=admin']}\n", ["nginx.allow", "~*"]),
     ("ca:\n  subject: {CN: 'Lab # CA'}\n", ["ca.subject.CN", "'#'"]),
     ("ca:\n  subject: {CN: x, O: 'Lab \\\\ Org'}\n", ["ca.subject.O", "'\\\\'"]),
-    ("ca:\n  subject: {CN: x, OU: 'say \"hi\"'}\n", ["ca.subject.OU", "'\"'"]),
+    ("ca:\n  subject: {CN: x, OU: 'say \"hi\"'}\n", ["ca.subject.OU", "the double quote (\")", "position 5"]),
+    # the issue's example: the apostrophe is named in words, with its position and why (not `"'"`)
+    ("ca:\n  subject: {CN: \"Bob's CA\"}\n", ["ca.subject.CN", "the apostrophe (')", "position 4", "reads it as a quote"]),
     ("- just\n- a list\n", ["top level must be a mapping"]),
     ("ca: [\n", ["YAML syntax error at line"]),
 ])
@@ -198,7 +201,7 @@ def test_unknown_option_is_exit_2_without_traceback(mtls):
     (["add-server", "web", "--san", "email:a@b.example"], "DNS: or IP:"),
     (["revoke", "x", "--reason", "removeFromCRL"], "not a revocation reason"),
     (["revoke", "--serial", "xyz"], "not a hexadecimal serial"),
-    (["list", "--status", "alive"], "valid, revoked or expired"),
+    (["list", "--status", "alive"], "valid, expiring, expired, revoked"),
     (["renew", "--within", "0"], "--within"),
     (["demo", "--port", "80"], "1024..65535"),
 ])

@@ -48,7 +48,7 @@ def _site(tmp_path, two_tier: bool):
     assert run_cli(["--pki-dir", str(pki), "add-server", "localhost", "--san", "IP:127.0.0.1"]).code == 0
     for name in ("phone", "lost"):
         assert run_cli(["--pki-dir", str(pki), "add-client", name]).code == 0
-    local.prefix.mkdir()
+    (local.prefix / "logs").mkdir(parents=True)
     assert run_cli(["--pki-dir", str(pki), "nginx", "render", "--out", str(local.prefix / "site.conf")]).code == 0
     local.write((local.prefix / "site.conf").read_text())
     try:

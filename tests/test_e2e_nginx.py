@@ -113,7 +113,7 @@ def make_site(tmp_path, e2e_template, backend):
         (pki / "mtls.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
         site = Site(pki, port, local)
         assert site.mtls("revoke", "lost-device", "--no-reload").code == 0
-        local.prefix.mkdir()
+        (local.prefix / "logs").mkdir(parents=True)
         res = site.mtls("nginx", "render", "--out", str(local.prefix / "site.conf"))
         assert res.code == 0, res.err
         local.write((local.prefix / "site.conf").read_text())

@@ -91,7 +91,7 @@ def ocsp_site(tmp_path):
         deadline = time.monotonic() + 10  # ready when it answers a real request (a bare port probe would hang it)
         while run_cli(["--pki-dir", str(pki), "ocsp", "check", "tablet"]).code != 0 and time.monotonic() < deadline:
             time.sleep(0.2)
-        local.prefix.mkdir()
+        (local.prefix / "logs").mkdir(parents=True)
         res = run_cli(["--pki-dir", str(pki), "nginx", "render", "--out", str(local.prefix / "site.conf")])
         assert res.code == 0, res.err
         local.write((local.prefix / "site.conf").read_text())

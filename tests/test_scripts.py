@@ -1,9 +1,11 @@
-"""The drop-in scripts, end to end in a temporary PKI: same arguments, PKI_DIR, files and exit codes
-as the guide's; and a year of daily-ish cron runs under faketime keeps every client valid."""
+"""The drop-in scripts, end to end in a temporary PKI: same arguments, PKI_DIR, files, exit codes and the
+lines people parse as the guide's; found under cron's PATH (`env -i PATH=/usr/bin:/bin`); and a year of
+daily-ish cron runs under faketime keeps every client valid."""
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -12,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import openssl
+from .conftest import openssl, set_profile, tree
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPTS = REPO / "scripts"
@@ -36,6 +38,22 @@ def run_script(name: str, *args: str, pki: Path, mtlsctl: Path, stdin: str = "",
     return subprocess.run([*prefix, str(SCRIPTS / name), *args], input=stdin, capture_output=True, text=True, env=full_env)
 
 
+def guide_password(stdout: str, pki: Path, name: str) -> str:
+    """The lines the guide's mtls-add-client.sh prints for a generated password, exactly; the password opens the bundle."""
+    lines = stdout.splitlines()
+    assert lines[0] == "No password provided. Generating a random one..."
+    generated = [ln for ln in lines if ln.startswith("Generated Password: ")]
+    export = [ln for ln in lines if "Export Password:" in ln]
+    assert len(generated) == 1 and len(export) == 1, stdout
+    password = generated[0].removeprefix("Generated Password: ")
+    assert export[0] == f"⚠️  Export Password: {password}"  # the guide's line, byte for byte
+    assert re.fullmatch(r"[A-Za-z0-9_-]{20,}", password)
+    assert f" - Key: {pki}/private/{name}.key" in lines and f" - Cert: {pki}/certs/{name}.crt" in lines
+    assert f" - Bundle: {pki}/certs/{name}.p12" in lines and "✅ Certificate created successfully!" in lines
+    openssl("pkcs12", "-in", str(pki / f"certs/{name}.p12"), "-noout", "-passin", "stdin", input=password + "\n")
+    return password
+
+
 def test_scripts_are_shellcheck_clean():
     if shutil.which("shellcheck") is None:
         pytest.skip("shellcheck is not installed (.ci/run installs it)")
@@ -55,7 +73,9 @@ def test_add_client_script_like_the_guides(fast_pki, mtlsctl_cmd):
         assert (fast_pki / f).exists()
 
     gen = run_script("mtls-add-client.sh", "laptop", pki=fast_pki, mtlsctl=mtlsctl_cmd)
-    assert gen.returncode == 0 and "Export password: " in gen.stdout
+    assert gen.returncode == 0, gen.stderr
+    password = guide_password(gen.stdout, fast_pki, "laptop")
+    assert len(password) >= 20
     piped = run_script("mtls-add-client.sh", "tablet", "-", pki=fast_pki, mtlsctl=mtlsctl_cmd, stdin="from-stdin\n")
     assert piped.returncode == 0, piped.stderr
     openssl("pkcs12", "-in", str(fast_pki / "certs/tablet.p12"), "-noout", "-passin", "stdin", input="from-stdin\n")
@@ -76,8 +96,137 @@ def test_the_password_never_reaches_mtlsctls_argv(fast_pki, tmp_path):
     res = run_script("mtls-add-client.sh", "dev", "Sup3r-secret", pki=fast_pki, mtlsctl=fake)
     assert res.returncode == 0
     text = log.read_text()
-    assert f"ARGV: --pki-dir {fast_pki} add-client --password-stdin -- dev" in text
+    assert f"ARGV: --pki-dir {fast_pki} add-client --json --password-stdin -- dev" in text
     assert "STDIN: Sup3r-secret" in text and "Sup3r-secret" not in text.split("STDIN")[0]
+
+
+# ------------------------------------------------------------------ cron's PATH
+
+CRON_PATH = "/usr/bin:/bin"
+
+
+def _wrapper(path: Path, log: Path) -> Path:
+    """An mtlsctl that runs this checkout and notes which copy ran."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f"#!/bin/sh\necho \"$0\" >> {log}\nPYTHONPATH={REPO} exec {sys.executable} -m mtlsctl \"$@\"\n")
+    path.chmod(0o755)
+    return path
+
+
+def _install_script(name: str, directory: Path) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    dest = directory / name
+    shutil.copy2(SCRIPTS / name, dest)
+    dest.chmod(0o755)
+    return dest
+
+
+def cron_run(script: Path, *args: str, pki: Path, home: Path, extra: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+    """As cron runs it: an empty environment but PATH=/usr/bin:/bin and HOME."""
+    return subprocess.run(["env", "-i", f"PATH={CRON_PATH}", f"HOME={home}", f"PKI_DIR={pki}", *extra, str(script), *args],
+                          capture_output=True, text=True, stdin=subprocess.DEVNULL)
+
+
+@pytest.fixture
+def cron_home(tmp_path: Path) -> Path:
+    for d in CRON_PATH.split(":"):
+        if os.access(Path(d) / "mtlsctl", os.X_OK):
+            pytest.skip(f"{d}/mtlsctl exists: cron's PATH finds it before the fallbacks under test")
+    home = tmp_path / "home"
+    home.mkdir()
+    return home
+
+
+def test_the_scripts_share_one_search_block():
+    blocks = [re.search(r"# --- find mtlsctl.*?\n# -{20,}\n", (SCRIPTS / n).read_text(), re.S) for n in
+              ("mtls-add-client.sh", "mtls-renew.sh")]
+    assert all(blocks) and blocks[0].group(0) == blocks[1].group(0)  # type: ignore[union-attr]
+
+
+def test_under_crons_path_mtlsctl_next_to_the_script_is_found(fast_pki, tmp_path, cron_home):
+    log = tmp_path / "ran.log"
+    bindir = tmp_path / "opt-bin"
+    wrapper = _wrapper(bindir / "mtlsctl", log)
+    add = _install_script("mtls-add-client.sh", bindir)
+    renew = _install_script("mtls-renew.sh", bindir)
+    res = cron_run(add, "phone", pki=fast_pki, home=cron_home)
+    assert res.returncode == 0, res.stderr
+    guide_password(res.stdout, fast_pki, "phone")
+    set_profile(fast_pki, nginx={"test_command": "true", "reload_command": "true"})
+    res = cron_run(renew, pki=fast_pki, home=cron_home)
+    assert res.returncode == 0, res.stderr
+    assert log.read_text().splitlines() == [str(wrapper)] * 2
+    # and through a symbolic link (ln -s /opt/bin/mtls-renew.sh /usr/local/bin/): the link's target directory
+    links = tmp_path / "links"
+    links.mkdir()
+    (links / "mtls-renew.sh").symlink_to(renew)
+    res = cron_run(links / "mtls-renew.sh", pki=fast_pki, home=cron_home)
+    assert res.returncode == 0, res.stderr
+    assert log.read_text().splitlines() == [str(wrapper)] * 3
+
+
+def test_under_crons_path_the_installing_pythons_scripts_dir_is_found(fast_pki, tmp_path, cron_home):
+    """The copy of the script inside an installed mtlsctl (PREFIX/lib/pythonX.Y/site-packages/mtlsctl/_templates/
+    scripts/) finds PREFIX/bin/mtlsctl, also when run through a link from elsewhere; nothing baked in."""
+    log = tmp_path / "ran.log"
+    prefix = tmp_path / "venv"
+    wrapper = _wrapper(prefix / "bin/mtlsctl", log)
+    inside = prefix / "lib/python3.11/site-packages/mtlsctl/_templates/scripts"
+    add = _install_script("mtls-add-client.sh", inside)
+    res = cron_run(add, "laptop", pki=fast_pki, home=cron_home)
+    assert res.returncode == 0, res.stderr
+    guide_password(res.stdout, fast_pki, "laptop")
+    links = tmp_path / "usr-local-bin"
+    links.mkdir()
+    (links / "mtls-add-client.sh").symlink_to(add)
+    res = cron_run(links / "mtls-add-client.sh", "tablet", pki=fast_pki, home=cron_home)
+    assert res.returncode == 0, res.stderr
+    guide_password(res.stdout, fast_pki, "tablet")
+    assert log.read_text().splitlines() == [str(wrapper)] * 2
+    # the same layout under dist-packages (Debian's system Python)
+    deb = tmp_path / "usr-local"
+    wrapper2 = _wrapper(deb / "bin/mtlsctl", log)
+    renew = _install_script("mtls-renew.sh", deb / "lib/python3.11/dist-packages/mtlsctl/_templates/scripts")
+    set_profile(fast_pki, nginx={"test_command": "true", "reload_command": "true"})
+    assert cron_run(renew, pki=fast_pki, home=cron_home).returncode == 0
+    assert log.read_text().splitlines()[-1] == str(wrapper2)
+
+
+def test_under_crons_path_user_local_bin_is_found(fast_pki, tmp_path, cron_home):
+    log = tmp_path / "ran.log"
+    wrapper = _wrapper(cron_home / ".local/bin/mtlsctl", log)
+    if os.access("/usr/local/bin/mtlsctl", os.X_OK):
+        pytest.skip("/usr/local/bin/mtlsctl exists and comes first")
+    renew = _install_script("mtls-renew.sh", tmp_path / "elsewhere")
+    set_profile(fast_pki, nginx={"test_command": "true", "reload_command": "true"})
+    res = cron_run(renew, pki=fast_pki, home=cron_home)
+    assert res.returncode == 0, res.stderr
+    assert log.read_text().splitlines() == [str(wrapper)]
+
+
+def test_under_crons_path_without_mtlsctl_every_path_tried_is_named(fast_pki, tmp_path, cron_home):
+    if os.access("/usr/local/bin/mtlsctl", os.X_OK):
+        pytest.skip("/usr/local/bin/mtlsctl exists")
+    before = tree(fast_pki)
+    for name, args in (("mtls-renew.sh", ()), ("mtls-add-client.sh", ("phone",))):
+        script = _install_script(name, tmp_path / "lonely")
+        res = cron_run(script, *args, pki=fast_pki, home=cron_home)
+        assert res.returncode == 1 and res.stdout == "", res.stdout
+        first = res.stderr.splitlines()[0]
+        assert first.startswith("error: mtlsctl not found; tried: $MTLSCTL (not set); mtlsctl on PATH (/usr/bin:/bin); ")
+        for tried in (tmp_path / "lonely/mtlsctl", "/usr/local/bin/mtlsctl", cron_home / ".local/bin/mtlsctl"):
+            assert f"; {tried}" in first, first
+        assert "hint: set MTLSCTL=" in res.stderr
+    assert tree(fast_pki) == before
+
+
+def test_mtlsctl_set_but_not_executable_is_an_error_not_a_search(fast_pki, tmp_path, cron_home):
+    log = tmp_path / "ran.log"
+    _wrapper(tmp_path / "bin/mtlsctl", log)
+    script = _install_script("mtls-renew.sh", tmp_path / "bin")
+    res = cron_run(script, pki=fast_pki, home=cron_home, extra=(f"MTLSCTL={tmp_path / 'nope'}",))
+    assert res.returncode == 1 and f"error: MTLSCTL={tmp_path / 'nope'} is not an executable file" in res.stderr
+    assert not log.exists()  # the one next to the script was not used instead
 
 
 def test_renew_script_on_a_guide_made_pki(tmp_path, mtls, mtlsctl_cmd):
@@ -88,10 +237,15 @@ def test_renew_script_on_a_guide_made_pki(tmp_path, mtls, mtlsctl_cmd):
     (pki / "mtls.yaml").write_text("nginx: {test_command: 'true', reload_command: 'true'}\nrenew: {within_days: 400}\n")
     res = run_script("mtls-renew.sh", pki=pki, mtlsctl=mtlsctl_cmd)
     assert res.returncode == 0, res.stderr
+    assert res.stdout.splitlines()[0] == f"Checking for expiring certificates in {pki}/certs..."  # the guide's line
     assert "Renewed iphone-jmrp" in res.stdout and "New Export Password" not in res.stdout
     assert "password in" in res.stdout
     shown = run_script("mtls-renew.sh", pki=pki, mtlsctl=mtlsctl_cmd, env={"MTLS_SHOW_PASSWORDS": "1"})
-    assert shown.returncode == 0 and "New Export Password: " in shown.stdout  # the guide's output, when asked
+    assert shown.returncode == 0, shown.stderr
+    # the guide's output, when asked: `grep 'New Export Password:' | sed 's/.*New Export Password: //'`
+    [line] = [ln for ln in shown.stdout.splitlines() if "New Export Password:" in ln]
+    new_password = re.fullmatch(r"\s*(?:🔑 )?New Export Password: (\S+)", line).group(1)  # type: ignore[union-attr]
+    openssl("pkcs12", "-in", str(pki / "certs/iphone-jmrp.p12"), "-noout", "-passin", "stdin", input=new_password + "\n")
 
 
 @pytest.mark.slow

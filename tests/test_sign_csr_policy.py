@@ -87,7 +87,7 @@ def test_a_backtick_is_refused_where_openssl_cnf_would_drop_it(fast_pki, tmp_pat
     _refused(cli(fast_pki, "add-client", "bt", "--san", "URI:https://a.example/x`y"), "'`'")
     prof = tmp_path / "p.yaml"
     prof.write_text('ca: {subject: {CN: "R3 `Root` CA"}, key: {type: ec}}\n')
-    _refused(run_cli(["--pki-dir", str(tmp_path / "p"), "--profile", str(prof), "init"]), "'`'")
+    _refused(run_cli(["--pki-dir", str(tmp_path / "p"), "--profile", str(prof), "init"]), "backtick (`)")
     assert not (tmp_path / "p").exists()
 
 
