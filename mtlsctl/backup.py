@@ -35,12 +35,15 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 from mtlsctl.errors import InputError, MtlsError, OpenSSLError
 from mtlsctl.files import MODE_CA_KEY, MODE_PRIVATE_DIR, MODE_PUBLIC_DIR, atomic_write, fsync_dir, read_lock
 from mtlsctl.pki import DB_FILES_WITH_BACKUPS, DIRS, PROFILE_NAME, Settings
 from mtlsctl.runner import Runner, summarize_stderr
+
+if TYPE_CHECKING:
+    from mtlsctl.doctor import Finding
 
 TOP = "pki"
 MAGIC = b"Salted__"
@@ -70,7 +73,8 @@ def clamp_mode(rel: tuple[str, ...], is_dir: bool, mode: int) -> int:
         return MODE_PRIVATE_DIR if rel == ("private",) or (rel and rel[0] == ARCHIVE_DIR) else (mode & 0o755) | 0o700
     if rel in (("private", "ca.key"), ("private", "root.key")):
         return MODE_CA_KEY
-    if rel[0] in ("private", ARCHIVE_DIR) or (rel[0] == "certs" and rel[-1].endswith(".p12")):
+    secret_in_archive = rel[0] == ARCHIVE_DIR and rel[-1].endswith((".key", ".p12", ".password"))
+    if rel[0] == "private" or secret_in_archive or (rel[0] == "certs" and rel[-1].endswith(".p12")):
         return (mode & 0o600) | 0o400
     return (mode & 0o644) | 0o400
 
@@ -660,6 +664,33 @@ def restore(backup_file: Path, target: Path, passphrase: str | None, runner: Run
                 raise _os_error(exc, f"restore into {target} failed (what it wrote was removed)") from None
             raise
     return result
+
+
+@dataclass(frozen=True)
+class CheckedRestore:
+    """A restore, then doctor on the restored PKI (`mtlsctl restore`)."""
+
+    restored: RestoreResult
+    findings: list[Finding] = field(default_factory=list)
+    doctor_error: str = ""  # why doctor could not look at the restored files (they are restored all the same)
+
+    @property
+    def healthy(self) -> bool:
+        """Exit 0: doctor ran and found no error (warnings are shown, not failed on)."""
+        return not self.doctor_error and not any(f.level == "error" for f in self.findings)
+
+
+def restore_and_check(backup_file: Path, target: Path, passphrase: str | None, runner: Runner | None = None) -> CheckedRestore:
+    """restore(), then doctor on the new PKI with its own profile (mtls.yaml as restored, no environment)."""
+    from mtlsctl.doctor import run_doctor
+    from mtlsctl.pki import resolve_settings
+
+    result = restore(backup_file, target, passphrase, runner)
+    try:
+        findings = run_doctor(resolve_settings(result.pki_dir, None, environ={}), runner or Runner())
+    except MtlsError as exc:  # the files are restored; say why doctor could not look at them
+        return CheckedRestore(result, [], exc.message)
+    return CheckedRestore(result, findings)
 
 
 def _create_file(path: Path, data: bytes, mode: int) -> None:

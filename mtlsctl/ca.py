@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -22,7 +23,7 @@ from mtlsctl.files import (
 )
 from mtlsctl.pki import DIRS, Pki, Settings
 from mtlsctl.profile import dump_profile
-from mtlsctl.runner import Command, Runner
+from mtlsctl.runner import Command, Reporter, Runner
 
 # The guide: `touch index.txt; echo 1000 > serial; echo 1000 > crlnumber`; FIELD-NOTES: unique_subject.
 INITIAL_FILES = {
@@ -189,6 +190,70 @@ def passphrase_check(passphrase: str | None) -> Command:
     """Does the passphrase open private/ca.key? (`openssl pkey -noout`, the passphrase on a pipe)."""
     return Command(("openssl", "pkey", "-in", Pki.ca_key, "-noout", "-passin", "fd:@0"),
                    fd_secrets=(passphrase if passphrase is not None else "",))
+
+
+# ------------------------------------------------------------------ the passphrase of an encrypted CA key
+
+MIN_PASSPHRASE = 8
+
+
+def require_passphrase_opens(pki: Pki, passphrase: str, *, current: bool = False) -> None:
+    """Refuse (exit 2, nothing written) a passphrase that does not open private/ca.key: checked with openssl
+    before a signing command starts, so a typo never gets half-way through a change.
+
+    Raises:
+        InputError: openssl could not open the key with it.
+    """
+    if Runner().run(passphrase_check(passphrase), cwd=pki.root, check=False).returncode != 0:
+        if current:
+            raise InputError("the current CA passphrase does not open private/ca.key")
+        raise InputError("the CA passphrase does not open private/ca.key", hint="check --ca-passphrase-file / --ca-passphrase-fd")
+
+
+def check_new_passphrase(passphrase: str, *, what: str = "the CA key passphrase") -> str:
+    """A passphrase that will encrypt a CA key: at least MIN_PASSPHRASE characters, and one openssl can read.
+
+    Raises:
+        InputError: too short, or not a password openssl reads whole (validate.password).
+    """
+    from mtlsctl import validate
+
+    if len(passphrase) < MIN_PASSPHRASE:
+        raise InputError(f"{what} is shorter than {MIN_PASSPHRASE} characters", hint="use a long passphrase; it guards every certificate")
+    return validate.password(passphrase, source="the CA passphrase option")
+
+
+def passphrase_runner(pki: Pki, passphrase: str | None, reporter: Reporter | None = None) -> Runner:
+    """A Runner that hands `passphrase` (on a pipe) to every command of this PKI that loads the CA key."""
+    if passphrase is None:
+        return Runner(reporter)
+    root = pki.root
+    return Runner(reporter, ca_passphrase=lambda cwd: passphrase if cwd == root else None)
+
+
+def signing_runner(pki: Pki, passphrase: Callable[[], str], reporter: Reporter | None = None) -> Runner:
+    """The Runner for a command that signs. With an encrypted CA key, `passphrase()` is asked once and the
+    answer checked first (require_passphrase_opens), so a wrong one is refused before anything is written;
+    with a plain key nothing is asked."""
+    if not pki.ca_key_encrypted():
+        return Runner(reporter)
+    value = passphrase()
+    require_passphrase_opens(pki, value)
+    return passphrase_runner(pki, value, reporter)
+
+
+def create_ca(settings: Settings, passphrase: str | None, reporter: Reporter | None = None) -> InitResult:
+    """`mtlsctl init`: the PKI (init_pki), then, with an ocsp: section in the profile, the OCSP signer.
+
+    `passphrase` encrypts the CA key(s) when the profile's ca.key.encrypt is set (check it first with
+    check_new_passphrase)."""
+    runner = passphrase_runner(settings.pki, passphrase, reporter)
+    result = init_pki(settings, runner, ca_passphrase=passphrase)
+    if settings.profile.ocsp is not None:
+        from mtlsctl import ocsp
+
+        ocsp.setup(settings, runner)
+    return result
 
 
 def change_passphrase(pki: Pki, old: str | None, new: str, runner: Runner) -> None:

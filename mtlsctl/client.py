@@ -132,6 +132,17 @@ def build_request(settings: Settings, name: str, *, days: int | None = None, key
     )
 
 
+def server_request(settings: Settings, name: str, *, sans: tuple[str, ...] | list[str] = (), days: int | None = None,
+                   key_type: str | None = None) -> IssueRequest:
+    """`add-server`'s request: the SANs given, DNS: and IP: names only (what a TLS client checks a server by),
+    or DNS:NAME when none are given. Raises InputError, writes nothing."""
+    sans = list(sans) or [f"DNS:{name}"]
+    for entry in sans:
+        if entry.split(":", 1)[0].upper() not in ("DNS", "IP"):
+            raise InputError(f"--san {entry!r}: a server certificate takes DNS: or IP: names", hint="e.g. --san DNS:host.example")
+    return build_request(settings, name, days=days, key_type=key_type, sans=sans, kind="server")
+
+
 def issue_commands(req: IssueRequest, certfile: str = Pki.ca_cert) -> list[Command]:
     """The openssl commands add-client (or add-server) runs, in order (what --dry-run prints)."""
     files = ClientFiles(req.name)
@@ -430,8 +441,64 @@ def sign_into_database(pki: Pki, cmd: Command, name: str, crt: str, runner: Runn
         )
     if not db.same_certificate(pki.path(crt), pki.path(newcert)):
         raise StateError(f"{crt} does not match {newcert}", hint="the database was restored; run the command again")
+    section = _argv_value(cmd.argv, "-extensions")
+    kind = next((k for k, base in EXTENSIONS.items() if section in (base, f"{base}_ec")), None)
+    check_signed(pki, crt, _argv_value(cmd.argv, "-in"), serial, name, kind)
     chmod_nofollow(pki.path(crt), MODE_PUBLIC)
     return rows[0]
+
+
+def _argv_value(argv: tuple[str, ...], flag: str) -> str | None:
+    """The value after `flag` in an argv (the request `openssl ca -in` was given)."""
+    for i, arg in enumerate(argv[:-1]):
+        if arg == flag:
+            return argv[i + 1]
+    return None
+
+
+def check_signed(pki: Pki, crt: str, request: str | None, serial: str, name: str, kind: str | None = None) -> None:
+    """The certificate `openssl ca` wrote, read structurally: the serial and CN of its index.txt row, signed by
+    the PKI's CA certificate, no CA (basicConstraints CA:TRUE, keyCertSign or cRLSign), the public key of
+    `request`, the CSR it was asked to sign, and (with `kind`, from the v3_client/v3_server/v3_ocsp section it
+    was signed with) that kind's one extended key usage. A StateError withdraws it (the transaction rolls back).
+
+    The second line behind openssl's exit code and the database row: an openssl that signed another request,
+    with another section or another CA key, is caught here whatever it printed."""
+    from cryptography.exceptions import InvalidSignature
+    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+    from mtlsctl import x509read
+
+    cert = x509read.read_certificate(pki.path(crt))
+    found: list[str] = []
+    if x509read.serial_hex(cert.serial_number) != serial:
+        found.append(f"its serial is {x509read.serial_hex(cert.serial_number)}, not {serial}")
+    if x509read.common_name(cert.subject) != name:
+        found.append(f"its subject is {x509read.describe_name(cert.subject)!r}, not CN={name}")
+    exts = x509read.extensions(cert, crt)
+    bc = x509read.basic_constraints(exts)
+    if bc is not None and bc[0]:
+        found.append("it is a CA certificate (basicConstraints CA:TRUE)")
+    signing = (x509read.key_usages(exts) or set()) & {"keyCertSign", "cRLSign"}
+    if signing:
+        found.append(f"its keyUsage has {', '.join(sorted(signing))}")
+    if kind is not None and x509read.kind_of(cert) not in (kind, "ca"):
+        found.append(f"its extended key usage makes it {x509read.kind_of(cert)!r}, not a {kind} certificate")
+    try:
+        cert.verify_directly_issued_by(x509read.read_certificate(pki.path(pki.ca_cert)))
+    except (InvalidSignature, ValueError, TypeError):
+        found.append(f"it is not signed by {pki.ca_cert}")
+    if request is not None:
+        try:
+            csr = x509read.load_csr(pki.path(request).read_bytes(), request)
+            asked = csr.public_key().public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
+        except (MtlsError, OSError):
+            asked = None
+        if asked is None or cert.public_key().public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo) != asked:
+            found.append(f"its public key is not the one of {request}")
+    if found:
+        raise StateError(f"openssl ca exited 0 but {crt} is not the certificate asked for ({'; '.join(found)}); it was withdrawn",
+                         hint="the database was restored; check openssl.cnf's extension sections and which openssl is on PATH")
 
 
 def write_fullchain(pki: Pki, name: str, tx: Transaction) -> str:
@@ -594,6 +661,18 @@ def check_exportable(pki: Pki, name: str, now: datetime | None = None) -> db.Ind
     return row
 
 
+def plan_export(settings: Settings, name: str, *, p12: str | None, out: Path | None) -> tuple[list[Command], list[str]]:
+    """What `export --dry-run` prints: the refusals of the real run (revoked, expired, not a client) first,
+    then the openssl commands (into the private work directory) and where the bundle would be written."""
+    pki = settings.pki
+    pki.require_ca()
+    with read_lock(pki.root):
+        check_exportable(pki, name)  # a revoked or expired certificate gets no bundle, dry run or not
+    target = out.absolute() if out else pki.path(ClientFiles(name).p12)
+    commands = export_commands(name, f"{P12_WORKDIR}/{name}.p12", p12 or settings.profile.clients.p12, pki.ca_bundle)
+    return commands, [f"then written to {target} (a new file with an unpredictable name, renamed into place)"]
+
+
 def export_client(settings: Settings, name: str, *, p12: str | None, password: str | None,
                   out: Path | None, force: bool, runner: Runner) -> ExportResult:
     """Write a fresh PKCS#12 bundle for an issued, active client (atomically; old bundle kept unless --force)."""
@@ -707,6 +786,16 @@ def retired_first(pki: Pki, names: list[str]) -> Iterator[None]:
     for name in names:
         retire_committed(pki, name)
     yield
+
+
+MAX_WORKERS = 64
+
+
+def batch_workers(jobs: int | None) -> int | None:
+    """--jobs N for a batch: 1..MAX_WORKERS, or None for one per core. Raises InputError."""
+    if jobs is not None and not 1 <= jobs <= MAX_WORKERS:
+        raise InputError(f"--jobs {jobs} is out of range", hint=f"use 1..{MAX_WORKERS}")
+    return jobs
 
 
 def issue_batch(settings: Settings, names: list[str], runner: Runner, *, days: int | None = None,

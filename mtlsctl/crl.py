@@ -59,6 +59,7 @@ def generate_root_crl(pki: Pki, days: int, runner: Runner, tx: Transaction, now:
     tmp = pki.path(ROOT_CRL_TMP)
     tx.may_create(tmp)
     runner.run(root_gencrl_command(days, now, root_key), cwd=pki.root)
+    check_new_crl(pki, ROOT_CRL_TMP, pki.root_cert, now)
     os.chmod(tmp, MODE_PUBLIC)
     normalize_modes(pki.root, ("root/crlnumber", "root/crlnumber.old"))
     tx.snapshot(pki.path(pki.root_crl))
@@ -78,6 +79,30 @@ def gencrl_command(days: int, now: datetime, out: str = CRL_TMP) -> Command:
     )
 
 
+def check_new_crl(pki: Pki, rel: str, ca: str, now: datetime) -> None:
+    """The CRL `openssl ca -gencrl` wrote to `rel`, before it replaces the one nginx reads: a regular file, a
+    readable CRL, signed by the CA certificate `ca`, with a nextUpdate after `now`. Otherwise a StateError
+    (the transaction rolls back: the CRL in place, the crlnumber and a revocation in the same run stay as they were).
+
+    The second line behind openssl's exit code: a CRL nginx cannot verify, or one already expired, makes nginx
+    reject every client."""
+    from mtlsctl.x509read import crl_signed_by, read_crl_facts
+
+    path = pki.path(rel)
+    if os.path.islink(path) or not path.is_file():
+        raise StateError(f"openssl ca -gencrl exited 0 but wrote no CRL ({rel} is missing)",
+                         hint="the CRL in place was kept; run the command again")
+    facts = read_crl_facts(path)
+    problems = []
+    if not crl_signed_by(path, pki.path(ca)):
+        problems.append(f"it is not signed by {ca}")
+    if facts.next_update is None or facts.next_update <= now:
+        problems.append(f"its nextUpdate ({facts.next_update or 'none'}) is not in the future")
+    if problems:
+        raise StateError(f"the CRL openssl wrote is refused ({'; '.join(problems)}); the CRL in place was kept",
+                         hint="check which openssl is on PATH and the CA section of openssl.cnf; then run the command again")
+
+
 def generate_crl(pki: Pki, days: int, runner: Runner, tx: Transaction, now: datetime | None = None) -> None:
     """Write crl/ca.crl (mode 644) from the database; the crlnumber change is rolled back with `tx`."""
     now = now or datetime.now(timezone.utc)
@@ -85,6 +110,7 @@ def generate_crl(pki: Pki, days: int, runner: Runner, tx: Transaction, now: date
     tmp = pki.path(CRL_TMP)
     tx.may_create(tmp)
     runner.run(gencrl_command(days, now), cwd=pki.root)
+    check_new_crl(pki, CRL_TMP, pki.ca_cert, now)
     normalize_modes(pki.root, (pki.crlnumber, pki.crlnumber + ".old"))
     os.chmod(tmp, MODE_PUBLIC)
     final = pki.path(pki.crl)
@@ -100,6 +126,10 @@ class CrlInfo:
     next_update: datetime
     crl_number: str  # hex, as in the crlnumber file
     revoked: int
+
+    def to_json(self) -> dict[str, object]:
+        return {"this_update": self.this_update.isoformat(), "next_update": self.next_update.isoformat(),
+                "crl_number": self.crl_number, "revoked": self.revoked}
 
 
 def crl_text_command(path: str = Pki.crl) -> Command:
@@ -150,6 +180,11 @@ def is_due(info: CrlInfo | None, refresh_within_days: int, now: datetime | None 
 class CrlResult:
     regenerated: bool
     info: CrlInfo
+
+    @property
+    def changed(self) -> bool:
+        """The CRL changed: publish it and reload nginx (after_change)."""
+        return self.regenerated
 
 
 def refresh_crl(pki: Pki, profile: Profile, runner: Runner, *, if_due: bool, now: datetime | None = None) -> CrlResult:

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from mtlsctl import client, db, lifecycle
 from mtlsctl.ca import init_pki
-from mtlsctl.errors import StateError
+from mtlsctl.errors import InputError, StateError
 from mtlsctl.files import MODE_PUBLIC, atomic_write
 from mtlsctl.nginx import render_site
 from mtlsctl.pki import PROFILE_NAME, Pki, Settings
@@ -216,6 +216,13 @@ def demo_profile(base: Profile, pki: Path, port: int, backend_port: int, local: 
     data["pki_dir"] = str(pki)
     data["nginx"] = {**local.nginx_section(pki, port, backend_port), "allow": [f"CN={ALLOWED}"]}
     return Profile.model_validate(data)
+
+
+def check_port(port: int | None) -> int | None:
+    """`demo --port N`: an unprivileged port, or None for a free one. Raises InputError."""
+    if port is not None and not 1024 <= port <= 65535:
+        raise InputError(f"--port {port} is out of range", hint="use 1024..65535, or leave it out for a free port")
+    return port
 
 
 def run_demo(directory: Path, port: int | None, keep: bool, runner: Runner) -> DemoReport:

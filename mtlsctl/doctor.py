@@ -149,8 +149,9 @@ def check_crl(settings: Settings, runner: Runner, now: datetime) -> list[Finding
     return out
 
 
-def check_database(settings: Settings) -> list[Finding]:
+def check_database(settings: Settings, now: datetime | None = None) -> list[Finding]:
     pki = settings.pki
+    now = now or datetime.now(timezone.utc)
     out = []
     try:
         rows = db.read_index(pki.path(pki.index))
@@ -181,6 +182,18 @@ def check_database(settings: Settings) -> list[Finding]:
         if not any(r.cn == name and db.same_certificate(crt, pki.path(f"newcerts/{r.serial}.pem")) for r in rows):
             out.append(Finding("database", "error", f"certs/{crt.name} is not in this CA's database",
                                "move it away if it is not ours; if it is, restore index.txt from a backup"))
+    active: dict[str, list[str]] = {}
+    for row in rows:
+        if row.cn and row.is_active(now):
+            active.setdefault(row.cn.lower(), []).append(row.serial)
+    for name, held in sorted(active.items()):
+        # renewal overlaps only until the old one is revoked: more than one is unfinished work (unless the profile
+        # keeps superseded certificates valid on purpose: renew.revoke_superseded false)
+        if len(held) > 1 and settings.profile.renew.revoke_superseded:
+            out.append(Finding("database", "warn",
+                               f"{name} has {len(held)} valid certificates (serials {', '.join(held)}): an interrupted "
+                               "replace or renew left the older one valid",
+                               f"mtlsctl replace {name} (a lost device), or mtlsctl renew (revokes superseded ones)"))
     if pki.path(JOURNAL_DIR).exists():
         out.append(Finding("database", "error", "an interrupted run left its journal",
                            "mtlsctl recover --dry-run (what it would roll back), then mtlsctl recover"))

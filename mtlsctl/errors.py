@@ -84,6 +84,30 @@ class ExternalCommandError(MtlsError):
     """A non-openssl program (nginx -t, systemctl reload) failed."""
 
 
+# --------------------------------------------------------------------------- a change done, a later step failed
+# These leave the change in place (exit 1, and the message says what is kept): there is nothing to roll back.
+
+
+class ReloadFailed(MtlsError):
+    """The CRL change is done and kept; publishing it or reloading nginx afterwards failed (after_change)."""
+
+
+class ReplaceIncomplete(MtlsError):
+    """The new certificate exists, but a later step of `replace` (bundle, revocation, CRL) failed."""
+
+
+class BatchFailed(MtlsError):
+    """Some items of a batch (add-client --from-file) failed; the others are done and kept."""
+
+
+class RenewFailed(BatchFailed):
+    """Some certificates failed to renew; the others are renewed and kept."""
+
+
+class DemoFailed(MtlsError):
+    """The demo's nginx outcomes differ from the guide's."""
+
+
 # --------------------------------------------------------------------------- OSError, in words
 
 # The user's path is wrong (exit 2): a directory where a file was expected, a file where a directory was...

@@ -1056,6 +1056,31 @@ def discard_journal(root: Path) -> JournalView:
     return view
 
 
+def resolve_journal(root: Path, lock_path: Path, *, discard: bool = False, dry_run: bool = False) -> tuple[JournalView, str]:
+    """`mtlsctl recover`: look at the journal under the writer's lock, then act on it; (what it asks for, action).
+
+    action: "none" (no journal, or --dry-run), "cleaned" (a committed run's leftovers removed), "rolled_back"
+    (a sound journal), "discarded" (dropped without rolling back: --discard), "refused" (a journal that is not
+    trusted, left for a person: the caller exits 1).
+    """
+    view, action = JournalView("none", root / JOURNAL_DIR), "none"
+    if not root.is_dir():
+        return view, action
+    with pki_lock(lock_path, recover_journal=False):
+        view = inspect_journal(root)
+        if view.state == "none" or dry_run:
+            action = "none"
+        elif discard or view.state == "committed":
+            discard_journal(root)
+            action = "discarded" if view.state != "committed" else "cleaned"
+        elif view.state == "sound":
+            recover(root)
+            action = "rolled_back"
+        else:
+            action = "refused"
+    return view, action
+
+
 def protect_database(root: Path, tx: Transaction) -> None:
     """Before an `openssl ca` run: snapshot index.txt, index.txt.attr, serial, crlnumber (and their .old),
     remember the .new files openssl writes on the way and the names in newcerts/ (any new file there is

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 from mtlsctl import db, openssl, validate
 from mtlsctl.client import generate_password, write_fullchain
-from mtlsctl.crl import CrlInfo, generate_crl, is_due, read_crl_info, read_crl_info_or_none
+from mtlsctl.crl import CrlInfo, gencrl_command, generate_crl, is_due, read_crl_info, read_crl_info_or_none
 from mtlsctl.csr import check_renewal, read_request_file, review_request, sign_reviewed
 from mtlsctl.errors import InputError, MtlsError, StateError
 from mtlsctl.files import (
@@ -127,6 +127,11 @@ class RevokeResult:
     expired: list[str]  # serials that had expired (nothing to do)
     crl: CrlInfo | None
 
+    @property
+    def changed(self) -> bool:
+        """The CRL changed: publish it and reload nginx (after_change)."""
+        return bool(self.revoked)
+
 
 def select_for_revoke(pki: Pki, name: str | None, serial_hex: str | None) -> list[db.IndexRow]:
     rows = db.read_index(pki.path(pki.index))
@@ -140,6 +145,19 @@ def select_for_revoke(pki: Pki, name: str | None, serial_hex: str | None) -> lis
     if not found:
         raise InputError(f"no certificate named {name!r} in index.txt", hint="see `mtlsctl list`")
     return found
+
+
+def plan_revoke(settings: Settings, *, name: str | None, serial_hex: str | None, why: str,
+                now: datetime | None = None) -> tuple[list[Command], list[str]]:
+    """What `revoke --dry-run` prints: one `openssl ca -revoke` per active certificate, then the CRL's command."""
+    pki = settings.pki
+    now = now or datetime.now(timezone.utc)
+    pki.require_ca()
+    rows = [r for r in select_for_revoke(pki, name, serial_hex) if r.is_active(now)]
+    commands = [revoke_command(cert_file(pki, r), why) for r in rows]
+    if commands:
+        commands.append(gencrl_command(settings.profile.crl.days, now))
+    return commands, [] if commands else ["nothing to revoke: no valid certificate"]
 
 
 def revoke(settings: Settings, *, name: str | None, serial_hex: str | None, why: str, runner: Runner,
@@ -188,6 +206,11 @@ class ReplaceResult:
     crl: CrlInfo | None = None
     problems: list[str] = field(default_factory=list)  # what failed once the new certificate existed
     todo: list[str] = field(default_factory=list)  # the command that finishes each problem
+
+    @property
+    def changed(self) -> bool:
+        """What nginx reads changed (the CRL, or the server certificate it serves): publish and reload (after_change)."""
+        return bool(self.revoked) or self.kind == "server"
 
 
 def replace_request(settings: Settings, name: str, *, days: int | None = None, key_type: str | None = None,
@@ -411,6 +434,11 @@ class RenewReport:
     due: list[db.IndexRow] = field(default_factory=list)
     crl_regenerated: bool = False
     crl: CrlInfo | None = None
+
+    @property
+    def changed(self) -> bool:
+        """What nginx reads changed (the CRL, a renewed certificate): publish and reload (after_change)."""
+        return bool(self.renewed) or bool(self.superseded) or self.crl_regenerated
 
 
 def due_for_renewal(rows: list[db.IndexRow], within_days: int, now: datetime) -> list[db.IndexRow]:

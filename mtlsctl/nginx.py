@@ -17,7 +17,7 @@ from pathlib import Path
 
 from mtlsctl import db
 from mtlsctl.errors import ExternalCommandError, InputError, MtlsError, StateError
-from mtlsctl.pki import ClientFiles, Pki
+from mtlsctl.pki import ClientFiles, Pki, Settings
 from mtlsctl.profile import NginxProfile, OcspProfile, RateLimit, allow_regex, nginx_safe
 from mtlsctl.runner import run_argv
 from mtlsctl.templates import render_file
@@ -337,6 +337,54 @@ def render_checked(pki: Pki, nginx: NginxProfile, *, verify_client: str | None =
         raise SiteFilesMissing(problems)
     warnings += [f"written anyway (--force): {p.line()}" for p in problems]
     return text, warnings
+
+
+def render_options(*, verify_client: str | None, rate_limit: str | None, burst: int | None,
+                   out: Path | None) -> RateLimit | None:
+    """The options of `nginx render`, checked before anything is read or rendered: --verify-client on|optional,
+    --rate-limit/--burst (as the profile's nginx.rate_limit would be), and --out (a file in an existing
+    directory, not a symbolic link). Returns the rate limit to render with, if any. Raises InputError."""
+    if verify_client is not None and verify_client not in ("on", "optional"):
+        raise InputError(f"--verify-client {verify_client!r} is not allowed",
+                         hint="use on or optional (optional_no_ca admits self-signed certificates)")
+    limit = None
+    if rate_limit is not None or burst is not None:
+        from pydantic import ValidationError
+
+        if rate_limit is None:
+            raise InputError("--burst needs --rate-limit", hint="e.g. --rate-limit 5r/s --burst 20")
+        try:
+            limit = RateLimit(rate=rate_limit, burst=burst if burst is not None else 10)
+        except ValidationError as exc:
+            raise InputError(f"--rate-limit {rate_limit!r} / --burst {burst!r}: {exc.errors()[0]['msg'].removeprefix('Value error, ')}",
+                             hint="e.g. --rate-limit 5r/s --burst 10") from None
+    if out is not None:  # where it goes is input: checked before anything is rendered
+        from mtlsctl.files import refuse_symlink
+
+        if not out.parent.is_dir():
+            raise InputError(f"--out {out}: directory {out.parent} does not exist")
+        refuse_symlink(out)
+        if out.is_dir():
+            raise InputError(f"--out {out} is a directory", hint=f"name the file, e.g. --out {out / 'mtls.conf'}")
+    return limit
+
+
+def render_for(settings: Settings, *, verify_client: str | None = None, rate_limit: RateLimit | None = None,
+               force: bool = False) -> tuple[str, list[str]]:
+    """`mtlsctl nginx render` for this PKI and profile, under the readers' lock: (the site, warnings)."""
+    from mtlsctl.files import read_lock
+
+    settings.pki.require_ca()
+    with read_lock(settings.pki.root):
+        return render_checked(settings.pki, settings.profile.nginx, verify_client=verify_client, rate_limit=rate_limit,
+                              ocsp=settings.profile.ocsp, force=force)
+
+
+def write_site(out: Path, text: str) -> None:
+    """The rendered site, written atomically (a new file renamed into place), mode 644."""
+    from mtlsctl.files import MODE_PUBLIC, atomic_write
+
+    atomic_write(out, text, MODE_PUBLIC)
 
 
 # ------------------------------------------------------------------ test and reload

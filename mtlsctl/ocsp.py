@@ -149,6 +149,17 @@ def _stop(proc) -> None:  # type: ignore[no-untyped-def]
             proc.wait()
 
 
+HEALTH_INTERVAL_RANGE = (0.2, 3600.0)
+
+
+def check_health_interval(seconds: float) -> float:
+    """`ocsp serve --health-interval`: 0.2 to 3600 seconds. Raises InputError."""
+    low, high = HEALTH_INTERVAL_RANGE
+    if not low <= seconds <= high:
+        raise InputError(f"--health-interval {seconds} is out of range", hint=f"use {low} to {high:.0f} seconds")
+    return seconds
+
+
 def serve(settings: Settings, runner: Runner, health_interval: float = 10.0, log=None, *,  # type: ignore[no-untyped-def]
           sleep: Callable[[float], None] = time.sleep, start: Callable[..., object] = spawn) -> int:
     """Run and supervise the responder until SIGINT/SIGTERM; the responder's pid goes to <pki>/ocsp.pid.

@@ -252,8 +252,27 @@ def spawn_stream(argv: Sequence[str], stdin: Any, stdout: Any, extra_fds: tuple[
         raise MtlsError(f"{argv[0]} was not found on PATH", hint="install it (Debian: apt-get install openssl)") from None
 
 
+# Where administrators' programs live when cron's PATH (/usr/bin:/bin) leaves them out: Debian installs nginx in
+# /usr/sbin, so the profile's default `nginx -t` would otherwise fail under cron and leave nginx on an old CRL.
+SBIN_DIRS = ("/usr/local/sbin", "/usr/sbin", "/sbin")
+
+
+def resolve_program(name: str) -> str:
+    """A bare program name as found on PATH, else in the sbin directories; a path, or a name found nowhere, as given."""
+    import shutil
+
+    if os.sep in name:
+        return name
+    found = shutil.which(name) or shutil.which(name, path=os.pathsep.join(SBIN_DIRS))
+    return found or name
+
+
 def run_argv(argv: Sequence[str], cwd: Path | None = None, check: bool = True) -> Result:
-    """Run a non-secret command (nginx -t, a reload command) without a shell."""
+    """Run a non-secret command (nginx -t, a reload command) without a shell; a bare program name missing from
+    PATH is looked up in the sbin directories too (cron's PATH has none of them)."""
+    argv = list(argv)
+    if argv:
+        argv[0] = resolve_program(argv[0])
     return Runner().run(Command(tuple(argv)), cwd=cwd, check=check)
 
 

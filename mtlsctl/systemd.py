@@ -135,6 +135,14 @@ def render_units(settings: Settings, mtlsctl: Path, unit_dir: Path = DEFAULT_DIR
     return units
 
 
+def passphrase_warning(settings: Settings, ca_passphrase_file: Path | None) -> str | None:
+    """Units that will fail: an encrypted CA key, and no --ca-passphrase-file for them to read it from."""
+    if settings.pki.ca_key_encrypted() and ca_passphrase_file is None:
+        return ("private/ca.key is encrypted and no --ca-passphrase-file was given: renew and crl cannot ask for "
+                "the passphrase under systemd and will fail; run `mtlsctl --ca-passphrase-file FILE systemd install --force`")
+    return None
+
+
 def install(units: list[Unit], unit_dir: Path, *, force: bool = False, dry_run: bool = False) -> list[Installed]:
     """Write the units into `unit_dir`. Every target is checked before anything is written: an existing unit is
     refused (all of them named, exit 2) unless `force`, which replaces it atomically. New files are created

@@ -277,7 +277,7 @@ def _c_string(text: str) -> bytes:
     return codecs.escape_decode(text.encode("latin-1"))[0]
 
 
-@pytest.mark.skipif(shutil.which("strace") is None, reason="strace is not installed (.ci/run installs it)")
+@pytest.mark.needs("strace")
 def test_the_encrypted_backup_writes_no_plaintext_byte_to_disk(tiered_pki, passfile, tmp_path):
     """Every file written and every file created, by mtlsctl and its openssl child, while an encrypted backup
     runs: the only file that ever receives a byte is the backup's temporary name next to --out, written by

@@ -25,10 +25,14 @@ def test_a_batch_is_issued_and_each_bundle_opens(fast_pki, mtls, tmp_path):
         serial = openssl("x509", "-in", str(crt), "-noout", "-serial").stdout.strip().split("=")[1]
         assert serial == x["serial"]
         pw_file = x["password_file"]
-        assert (fast_pki / "private" / f"{x['name']}.p12.password").stat().st_mode & 0o777 == 0o600
+        modes = {rel: (fast_pki / rel).stat().st_mode & 0o777 for rel in (
+            f"private/{x['name']}.key", f"certs/{x['name']}.p12", f"private/{x['name']}.p12.password",
+            f"certs/{x['name']}.crt", f"certs/{x['name']}.csr")}
+        assert list(modes.values()) == [0o600, 0o600, 0o600, 0o644, 0o644], modes  # the guide's modes, bulk or not
         openssl("pkcs12", "-in", x["p12"], "-noout", "-passin", f"file:{pw_file}")
         assert x["name"] not in res.err
     assert "password" not in " ".join(x for line in lines for x in line if x != "password_file")
+    assert sorted(p.name for p in (fast_pki / "private").iterdir() if p.name.startswith(".")) == []  # no work directory left
 
 
 @pytest.mark.parametrize("content,needle", [

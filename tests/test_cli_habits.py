@@ -28,11 +28,18 @@ GLOBALS_AFTER = ["--pki-dir", "/srv/pki-x", "--profile", "/srv/site-x.yaml", "--
                  "--ca-passphrase-file", "/srv/pass-x", "--ca-passphrase-fd", "7"]
 
 
-@pytest.fixture(autouse=True)
-def _fresh_globals(monkeypatch):
-    """The callback keeps the parsed global options in module globals: start each test without them."""
-    monkeypatch.setattr(cli, "_OPTIONS", None)
-    monkeypatch.setattr(cli, "_debug", False)
+def run_keeping_state(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str, cli.CliState]:
+    """Run main() in-process with a CliState of our own, to look at what the global callback parsed into it
+    (the CLI keeps no module globals: each run's options live in the state main() hands to click)."""
+    state = cli.CliState()
+    old_umask = os.umask(0o022)
+    try:
+        with pytest.raises(SystemExit) as exited:
+            cli.main(args, state=state)
+    finally:
+        os.umask(old_umask)
+    out, err = capsys.readouterr()
+    return exited.value.code, out, err, state
 
 
 def command_paths(command: click.Command | None = None, prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
@@ -54,10 +61,8 @@ def _own_options(path: tuple[str, ...]) -> set[str]:
     return {o for p in command.params if isinstance(p, click.Option) for o in p.opts}
 
 
-def _assert_globals_reached_the_callback(own: set[str] = frozenset()) -> None:
+def _assert_globals_reached_the_callback(opts: cli.CliState, own: set[str] = frozenset()) -> None:
     """Each global option reached the callback, except one the command has itself (restore --pki-dir)."""
-    opts = cli._OPTIONS
-    assert opts is not None
     got = {"--pki-dir": str(opts.pki_dir), "--profile": str(opts.profile), "--debug": opts.debug,
            "--ca-passphrase-file": str(opts.ca_passphrase_file), "--ca-passphrase-fd": opts.ca_passphrase_fd}
     want = {"--pki-dir": "/srv/pki-x", "--profile": "/srv/site-x.yaml", "--debug": True,
@@ -74,18 +79,26 @@ def test_every_command_is_covered():
 
 
 @pytest.mark.parametrize("path", PATHS, ids=[" ".join(p) for p in PATHS])
-def test_global_options_after_the_command_for_every_command(mtls, path):
-    res = mtls([*path, "--help", *GLOBALS_AFTER])
-    assert res.code == 0, res.err
-    assert f"Usage: mtlsctl {' '.join(path)}" in " ".join(res.out.split())
-    _assert_globals_reached_the_callback(_own_options(path))
+def test_global_options_after_the_command_for_every_command(capsys, path):
+    code, out, err, state = run_keeping_state([*path, "--help", *GLOBALS_AFTER], capsys)
+    assert code == 0, err
+    assert f"Usage: mtlsctl {' '.join(path)}" in " ".join(out.split())
+    _assert_globals_reached_the_callback(state, _own_options(path))
 
 
 @pytest.mark.parametrize("path", PATHS, ids=[" ".join(p) for p in PATHS])
-def test_global_options_before_the_command_for_every_command(mtls, path):
-    res = mtls([*GLOBALS_AFTER, *path, "--help"])
-    assert res.code == 0, res.err
-    _assert_globals_reached_the_callback()
+def test_global_options_before_the_command_for_every_command(capsys, path):
+    code, _, err, state = run_keeping_state([*GLOBALS_AFTER, *path, "--help"], capsys)
+    assert code == 0, err
+    _assert_globals_reached_the_callback(state)
+
+
+def test_runs_in_one_process_share_no_options(capsys):
+    """The parsed options belong to one run: a second run without them starts from the defaults."""
+    _, _, _, first = run_keeping_state([*GLOBALS_AFTER, "list", "--help"], capsys)
+    _, _, _, second = run_keeping_state(["list", "--help"], capsys)
+    assert first.debug is True and str(first.pki_dir) == "/srv/pki-x"
+    assert second == cli.CliState()
 
 
 def test_global_options_after_the_command_act(fast_pki, mtls, tmp_path):
@@ -107,14 +120,15 @@ def test_global_options_after_the_command_act(fast_pki, mtls, tmp_path):
     assert f"profile: {prof}" in res.err and str(tmp_path / "new") in res.err
 
 
-def test_an_option_value_spelled_like_a_global_option_stays_a_value(fast_pki, mtls):
+def test_an_option_value_spelled_like_a_global_option_stays_a_value(fast_pki, mtls, capsys):
     before = tree(fast_pki)
     res = mtls(["add-client", "--from-file", "--pki-dir", "--pki-dir", str(fast_pki)])
     assert res.code == 2 and "cannot read --from-file --pki-dir" in res.err, res.err
     # after `--` nothing is an option: --debug is the NAME, refused as a name
     res = mtls(["add-client", "--pki-dir", str(fast_pki), "--", "--debug"])
     assert res.code == 2 and "name '--debug'" in res.err, res.err
-    assert cli._debug is False
+    code, _, err, state = run_keeping_state(["add-client", "--pki-dir", str(fast_pki), "--", "--debug"], capsys)
+    assert code == 2 and "name '--debug'" in err and state.debug is False
     assert tree(fast_pki) == before
 
 

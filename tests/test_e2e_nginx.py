@@ -8,7 +8,6 @@ for verified clients, and that mtlsctl's revoke/reload take effect.
 from __future__ import annotations
 
 import re
-import shutil
 import subprocess
 import threading
 import time
@@ -19,18 +18,20 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mtlsctl.demo import LocalNginx, free_port, nginx_binary
+from mtlsctl.demo import LocalNginx, free_port
 from mtlsctl.demo_backend import EchoHandler
 
 from .conftest import FAST_PROFILE, _copy_pki, openssl, run_cli
 
 pytestmark = [
     pytest.mark.e2e,
-    pytest.mark.skipif(nginx_binary() is None, reason="nginx is not installed (.ci/run installs it)"),
-    pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed (.ci/run installs it)"),
+    pytest.mark.needs("nginx", "curl"),  # skipped when missing; a failure under CI=true (tests/conftest.py)
 ]
 
-CLIENTS = ["iphone-jmrp", "admin-bob", "superadmin-x", "guest", "lost-device", "admin", "alice", "bob", "alice.evil", "ops-x"]
+# Negative cases that fail without the anchors: iphone-jmrp2 (a DN entry without `$`), ops-x9 (a regex without `$`),
+# hand-notreally below (a regex without `^`). (A CN like superadmin-x cannot tell: `CN=admin-` is not in CN=superadmin-x.)
+CLIENTS = ["iphone-jmrp", "iphone-jmrp2", "admin-bob", "guest", "lost-device", "admin", "alice", "bob", "alice.evil", "ops-x",
+           "ops-x9"]
 # Certificates mtlsctl would not issue (a name differing only in case from an active one, a CN with '='), signed
 # by hand with `openssl ca` from the same CA: what matters is what nginx does with them. file stem -> CN.
 BY_HAND = {"hand-ADMIN": "ADMIN", "hand-OPS-X": "OPS-X", "hand-notreally": "notreally-CN=admin-y"}
@@ -161,7 +162,9 @@ def test_a_client_sent_identity_header_is_replaced(make_site):
 def test_regex_allowlist_entries_match_only_what_they_should(make_site):
     site = make_site()
     assert site.curl("admin-bob")[0] == 200  # ~CN=admin-.* admits CN=admin-bob
-    assert site.curl("superadmin-x")[0] == 403  # rendered anchored: ^CN=admin-.*$
+    assert site.curl("hand-notreally")[0] == 403  # CN=notreally-CN=admin-y: only ^ keeps ~CN=admin-.* out of it
+    assert site.curl("iphone-jmrp")[0] == 200
+    assert site.curl("iphone-jmrp2")[0] == 403  # only $ keeps the DN entry CN=iphone-jmrp from admitting it
 
 
 def test_a_dn_entry_is_case_sensitive_and_so_is_a_regex_entry(make_site):
@@ -173,6 +176,7 @@ def test_a_dn_entry_is_case_sensitive_and_so_is_a_regex_entry(make_site):
     code, body = site.curl("hand-ADMIN")
     assert code == 403 and "not authorized" in body
     assert site.curl("ops-x")[0] == 200
+    assert site.curl("ops-x9")[0] == 403  # only $ keeps ~CN=ops-[a-z]+ from admitting CN=ops-x9
     assert site.curl("hand-OPS-X")[0] == 403
     assert site.curl("admin-bob")[0] == 403  # an exact DN, not a prefix
     access = (site.nginx.prefix / "logs/access.log").read_text()
@@ -192,9 +196,9 @@ def test_an_alternation_is_anchored_as_a_whole(make_site):
 def test_a_prefix_regex_admits_neither_a_longer_name_nor_a_cn_that_contains_it(make_site):
     site = make_site(allow=["~CN=admin-.*"])
     assert site.curl("admin-bob")[0] == 200
-    assert site.curl("superadmin-x")[0] == 403
     code, _ = site.curl("hand-notreally")  # CN=notreally-CN=admin-y: an unanchored regex would admit it
     assert code == 403
+    assert site.curl("iphone-jmrp")[0] == 403  # the site's default list is replaced, not extended
 
 
 def test_each_p12_profile_openssl3_reads_works_with_curl(make_site):

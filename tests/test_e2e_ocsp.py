@@ -5,7 +5,6 @@ and two-tier (root -> issuing CA -> OCSP signer and clients). And the supervisor
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -18,24 +17,15 @@ import pytest
 import yaml
 
 from mtlsctl import ocsp
-from mtlsctl.demo import LocalNginx, free_port, nginx_binary, wait_for_port
+from mtlsctl.demo import LocalNginx, free_port, wait_for_port
 from mtlsctl.demo_backend import EchoHandler
 from mtlsctl.pki import resolve_settings
 from mtlsctl.runner import Runner
 
-from .conftest import openssl, run_cli, set_profile
+from .conftest import openssl, require_tool, run_cli, set_profile
 
 REPO = Path(__file__).resolve().parent.parent
 e2e = pytest.mark.e2e
-
-
-def require(tool: str, found: str | None) -> None:
-    """A missing tool skips locally, but FAILS under CI=true (.ci/run installs nginx and curl)."""
-    if found is None:
-        message = f"{tool} is not installed (.ci/run installs it)"
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(message)
-        pytest.skip(message)
 
 
 def halt(local: LocalNginx) -> None:
@@ -63,8 +53,8 @@ TIERS = {
 
 @pytest.fixture
 def ocsp_site(tmp_path):
-    require("nginx", nginx_binary())
-    require("curl", shutil.which("curl"))
+    require_tool("nginx")
+    require_tool("curl")
     started: list = []
 
     def make(cache: bool, nmin: int = 1, tier: str = "single"):

@@ -4,7 +4,6 @@ allowlist is not touched. Single- and two-tier."""
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import threading
 from http.server import ThreadingHTTPServer
@@ -12,15 +11,14 @@ from http.server import ThreadingHTTPServer
 import pytest
 import yaml
 
-from mtlsctl.demo import LocalNginx, free_port, nginx_binary
+from mtlsctl.demo import LocalNginx, free_port
 from mtlsctl.demo_backend import EchoHandler
 
 from .conftest import openssl, run_cli
 
 pytestmark = [
     pytest.mark.e2e,
-    pytest.mark.skipif(nginx_binary() is None, reason="nginx is not installed (.ci/run installs it)"),
-    pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed (.ci/run installs it)"),
+    pytest.mark.needs("nginx", "curl"),  # skipped when missing; a failure under CI=true (tests/conftest.py)
 ]
 
 NEW_PASSWORD = "new-phone-pass-1"

@@ -29,34 +29,19 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mtlsctl.demo import LocalNginx, free_port, nginx_binary
+from mtlsctl.demo import LocalNginx, free_port
 from mtlsctl.demo_backend import EchoHandler
 from mtlsctl.nginx import render_site
 from mtlsctl.pki import Pki, resolve_settings
 from mtlsctl.profile import Profile
 from mtlsctl.publish import publish
 
-from .conftest import is_two_tier, openssl, run_cli, set_profile
+from .conftest import is_two_tier, openssl, require_tool, run_cli, set_profile
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 REPO = Path(__file__).resolve().parent.parent
 PLAYBOOK = REPO / "docs/ansible/publish-crl.yml"
 HOSTS = ("web1", "web2")
-
-
-def ansible_playbook() -> str | None:
-    beside = Path(sys.executable).parent / "ansible-playbook"  # where `pip install '.[test]'` put it
-    return str(beside) if beside.is_file() else shutil.which("ansible-playbook")
-
-
-def require(tool: str, found: str | None) -> str:
-    """A missing tool skips locally, but FAILS under CI=true: CI installs every one of them."""
-    if found is None:
-        message = f"{tool} is not installed (pip install '.[test]'; .ci/run installs nginx and curl)"
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(message)
-        pytest.skip(message)
-    return found
 
 
 def curl(pki: Path, port: int, name: str) -> int:
@@ -150,9 +135,9 @@ class Fleet:
 @pytest.fixture
 def fleet(tiered_pki: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     """The CA host (tiered_pki: single or two-tier) with clients phone and tablet, and two nginx hosts."""
-    require("nginx", nginx_binary())
-    require("curl", shutil.which("curl"))
-    playbook = require("ansible-playbook", ansible_playbook())
+    require_tool("nginx")
+    require_tool("curl")
+    playbook = require_tool("ansible-playbook")
     # ansible's own state and temporary files stay in this test's directory; no ansible.cfg is read.
     (tmp_path / "ansible.cfg").write_text("")
     for var, value in {"ANSIBLE_CONFIG": str(tmp_path / "ansible.cfg"), "ANSIBLE_HOME": str(tmp_path / "ansible-home"),
@@ -221,7 +206,7 @@ def test_a_crl_the_ca_did_not_sign_never_reaches_the_second_host(fleet: Fleet, t
     before = {name: fleet.site_crl(name) for name in HOSTS}
     env = {**os.environ, "PKI_DIR": str(ca), "MTLSCTL_SITE_CA": str(ca / "ca/chain.pem"), "MTLSCTL_SITE_CRL": str(forged),
            "ANSIBLE_DISPLAY_FAILED_STDERR": "true"}
-    res = subprocess.run(fleet.command(ansible_playbook() or "ansible-playbook"), env=env, cwd=ca, capture_output=True,
+    res = subprocess.run(fleet.command(require_tool("ansible-playbook")), env=env, cwd=ca, capture_output=True,
                          text=True, timeout=120, check=False)
     assert res.returncode != 0, res.stdout
     last = res.stderr.strip().splitlines()[-1]
@@ -261,7 +246,7 @@ def test_the_playbook_refuses_to_run_without_what_mtlsctl_hands_over(fleet: Flee
     env.update(PKI_DIR=str(fleet.ca), MTLSCTL_CA=str(fleet.ca / "ca/ca.crt"), MTLSCTL_CRL=str(fleet.ca / "crl/ca.crl"),
                ANSIBLE_DISPLAY_FAILED_STDERR="true")
     before = {name: fleet.site_crl(name) for name in HOSTS}
-    res = subprocess.run(fleet.command(ansible_playbook() or "ansible-playbook"), env=env, cwd=fleet.ca, capture_output=True,
+    res = subprocess.run(fleet.command(require_tool("ansible-playbook")), env=env, cwd=fleet.ca, capture_output=True,
                          text=True, timeout=120, check=False)
     assert res.returncode != 0
     assert "MTLSCTL_SITE_CA and MTLSCTL_SITE_CRL are not set" in res.stderr, res.stderr

@@ -69,11 +69,9 @@ def test_the_golden_openssl_cnf_is_one_openssl_accepts(tmp_path):
 
 def test_rendered_nginx_config_passes_nginx_t(tmp_path):
     """The golden site, pointed at real files, passes `nginx -t` (the e2e tests run it for real)."""
-    from mtlsctl.demo import nginx_binary
+    from .conftest import require_tool, run_cli
 
-    if nginx_binary() is None:
-        pytest.skip("nginx is not installed (.ci/run installs it)")
-    from .conftest import run_cli
+    require_tool("nginx")
 
     pki = tmp_path / "pki"
     prof = tmp_path / "p.yaml"

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import re
-import shutil
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
 
-from .conftest import openssl, tree, x509_text
+from .conftest import openssl, require_tool, tree, x509_text
 
 pytestmark = pytest.mark.integration
 
@@ -238,8 +237,7 @@ def test_wheel_ships_the_templates_and_runs_from_another_directory(tmp_path):
     import zipfile
 
     repo = Path(__file__).resolve().parent.parent
-    if shutil.which("git") is None:
-        pytest.skip("git not available")
+    require_tool("git")
     wheel_dir = tmp_path / "wheel"
     build = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(wheel_dir), str(repo)],
                            capture_output=True, text=True)

@@ -4,8 +4,6 @@ day-count rule (a started day counts) tested at its boundaries, and a missing CR
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
 import sys
 from datetime import datetime, timedelta, timezone
@@ -15,7 +13,7 @@ import pytest
 from mtlsctl import db, lifecycle
 from mtlsctl.pki import resolve_settings
 
-from .conftest import run_cli, set_profile
+from .conftest import require_tool, run_cli, set_profile
 
 pytestmark = pytest.mark.integration
 
@@ -72,11 +70,7 @@ def test_list_statuses_and_days_from_the_real_database(fast_pki):
 
 def test_list_under_a_faked_clock_says_expired(fast_pki):
     """The whole command under libfaketime (the clock of the process, as cron would see it in a year)."""
-    faketime = shutil.which("faketime")
-    if faketime is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("faketime is not installed (.ci/run installs it)")
-        pytest.skip("faketime is not installed (.ci/run installs it)")
+    faketime = require_tool("faketime")
     assert run_cli(["--pki-dir", str(fast_pki), "add-client", "short", "--days", "2"]).code == 0
     code = f"from mtlsctl.cli import main; main(['--pki-dir', {str(fast_pki)!r}, 'list', '--json'])"
     when = (datetime.now(timezone.utc) + timedelta(days=3)).strftime("%Y-%m-%d %H:%M:%S")
@@ -97,3 +91,23 @@ def test_a_missing_crl_is_made_by_crl_if_due_and_renew(fast_pki):
     doc = run_cli(["--pki-dir", str(fast_pki), "doctor", "--json"])
     assert doc.code == 1 and any(f["check"] == "crl" and f["level"] == "error" and "mtlsctl crl" in f["fix"]
                                  for f in json.loads(doc.out)["findings"])
+
+
+def test_doctor_names_a_name_left_with_two_valid_certificates(fast_pki):
+    """An interrupted replace (or renew) leaves the lost device's certificate valid beside the new one."""
+    set_profile(fast_pki, nginx={"reload_command": "", "test_command": ""})
+    assert run_cli(["--pki-dir", str(fast_pki), "add-client", "phone"]).code == 0
+    assert run_cli(["--pki-dir", str(fast_pki), "doctor"]).code == 0
+    # what a replace killed after issuing leaves: a second valid certificate of the name, issued by hand here
+    from .conftest import openssl
+
+    openssl("req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-keyout", "k2.pem",
+            "-subj", "/CN=phone", "-out", "p2.csr", cwd=fast_pki)
+    openssl("ca", "-config", "openssl.cnf", "-extensions", "v3_client_ec", "-batch", "-in", "p2.csr", "-out", "p2.crt",
+            cwd=fast_pki)
+    for f in ("k2.pem", "p2.csr", "p2.crt"):
+        (fast_pki / f).unlink()
+    res = run_cli(["--pki-dir", str(fast_pki), "doctor", "--json"])
+    assert res.code == 1
+    found = [f for f in json.loads(res.out)["findings"] if "valid certificates" in f["message"]]
+    assert found and "phone has 2 valid certificates" in found[0]["message"] and "mtlsctl replace phone" in found[0]["fix"]

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import openssl, set_profile, tree
+from .conftest import openssl, require_tool, set_profile, tree
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPTS = REPO / "scripts"
@@ -55,9 +55,8 @@ def guide_password(stdout: str, pki: Path, name: str) -> str:
 
 
 def test_scripts_are_shellcheck_clean():
-    if shutil.which("shellcheck") is None:
-        pytest.skip("shellcheck is not installed (.ci/run installs it)")
-    res = subprocess.run(["shellcheck", *map(str, SCRIPTS.glob("*.sh"))], capture_output=True, text=True)
+    shellcheck = require_tool("shellcheck")
+    res = subprocess.run([shellcheck, *map(str, SCRIPTS.glob("*.sh"))], capture_output=True, text=True)
     assert res.returncode == 0, res.stdout
 
 
@@ -252,8 +251,7 @@ def test_renew_script_on_a_guide_made_pki(tmp_path, mtls, mtlsctl_cmd):
 def test_a_year_of_cron_runs_keeps_every_client_valid_and_the_crl_fresh(tmp_path, mtls, mtlsctl_cmd):
     """Short validities (clients 30 days, CRL 9 days) and faketime: mtls-renew.sh every 3 simulated days
     for a year; at every step every client verifies against the CA and the CRL, as nginx would check."""
-    if shutil.which("faketime") is None:
-        pytest.skip("faketime is not installed (.ci/run installs it)")
+    require_tool("faketime")
     prof = tmp_path / "p.yaml"
     log = tmp_path / "reloads.log"
     prof.write_text(

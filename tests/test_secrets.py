@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import stat
 import subprocess
 import sys
@@ -16,8 +15,7 @@ import pytest
 
 from .conftest import openssl
 
-pytestmark = [pytest.mark.integration,
-              pytest.mark.skipif(shutil.which("strace") is None, reason="strace is not installed (.ci/run installs it)")]
+pytestmark = [pytest.mark.integration, pytest.mark.needs("strace")]
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import shlex
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -19,7 +18,7 @@ from mtlsctl.errors import InputError, StateError
 from mtlsctl.pki import Pki, Settings
 from mtlsctl.profile import parse_profile
 
-from .conftest import set_profile
+from .conftest import require_tool, set_profile
 
 REPO = Path(__file__).resolve().parent.parent
 DOCS_SYSTEMD = REPO / "docs" / "systemd"
@@ -47,12 +46,7 @@ def units(tmp_path: Path) -> Path:
 
 
 def _systemd_analyze() -> str:
-    found = shutil.which("systemd-analyze") or ("/usr/bin/systemd-analyze" if os.access("/usr/bin/systemd-analyze", os.X_OK) else None)
-    if found is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("systemd-analyze is missing under CI=true: .ci/run installs Debian's systemd package")
-        pytest.skip("systemd-analyze is not installed (Debian: apt-get install systemd; .ci/run installs it)")
-    return found
+    return require_tool("systemd-analyze")
 
 
 @pytest.mark.integration

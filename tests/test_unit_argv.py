@@ -3,7 +3,8 @@ and what happens when openssl fails at each step: exit 1, openssl's message, no 
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+import functools
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
@@ -34,10 +35,70 @@ def _touch(root: Path, rel: str, text: str = "x\n"):
     return callback
 
 
+# What the faked openssl writes is real material (made with pyca/cryptography): mtlsctl reads back what openssl
+# wrote (the certificate's key, issuer and CA flag, the CRL's signature) and refuses anything else.
+
+
+@functools.cache
+def _ca() -> tuple[str, str, object, object]:
+    """(CA key PEM, CA certificate PEM, key, certificate) of a throwaway P-256 CA."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "Unit CA")])
+    start = datetime(2025, 1, 1, tzinfo=timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(1).not_valid_before(start).not_valid_after(start + timedelta(days=3650))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    return key_pem.decode(), cert.public_bytes(serialization.Encoding.PEM).decode(), key, cert
+
+
+@functools.cache
+def _client(name: str) -> tuple[str, str, str]:
+    """(key PEM, CSR PEM, certificate PEM with serial 1000 signed by _ca()) for CN=name."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    _, _, ca_key, ca_cert = _ca()
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    csr = x509.CertificateSigningRequestBuilder().subject_name(subject).sign(key, hashes.SHA256())
+    cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(ca_cert.subject).public_key(key.public_key())
+            .serial_number(0x1000).not_valid_before(NOW).not_valid_after(NOW + timedelta(days=365))
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+            .sign(ca_key, hashes.SHA256()))
+    key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    return key_pem.decode(), csr.public_bytes(serialization.Encoding.PEM).decode(), cert.public_bytes(serialization.Encoding.PEM).decode()
+
+
+def _crl_pem() -> str:
+    """An empty CRL signed by _ca(), valid from before NOW until well after today."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+
+    _, _, ca_key, ca_cert = _ca()
+    later = max(NOW, datetime.now(timezone.utc)) + timedelta(days=30)
+    crl = (x509.CertificateRevocationListBuilder().issuer_name(ca_cert.subject).last_update(NOW - timedelta(minutes=5))
+           .next_update(later).sign(ca_key, hashes.SHA256()))
+    return crl.public_bytes(serialization.Encoding.PEM).decode()
+
+
+def _init_outputs() -> list[str]:
+    return [_ca()[0], _ca()[1], _crl_pem()]
+
+
 def test_init_runs_the_guides_commands_in_order(fp, tmp_path):
     root = tmp_path / "pki"
-    for argv, out in zip(INIT_ARGV, INIT_OUTPUTS, strict=True):
-        fp.register(argv, callback=_touch(root, out))
+    for argv, out, text in zip(INIT_ARGV, INIT_OUTPUTS, _init_outputs(), strict=True):
+        fp.register(argv, callback=_touch(root, out, text))
     settings = resolve_settings(root, None, environ={})
     ca.init_pki(settings, Runner(), now=NOW)
     assert [list(c) for c in fp.calls] == INIT_ARGV
@@ -51,9 +112,9 @@ def test_init_runs_the_guides_commands_in_order(fp, tmp_path):
 @pytest.mark.parametrize("failing", range(3))
 def test_init_failure_at_each_step_leaves_nothing(fp, tmp_path, failing):
     root = tmp_path / "pki"
-    for i, (argv, out) in enumerate(zip(INIT_ARGV, INIT_OUTPUTS, strict=True)):
+    for i, (argv, out, text) in enumerate(zip(INIT_ARGV, INIT_OUTPUTS, _init_outputs(), strict=True)):
         if i < failing:
-            fp.register(argv, callback=_touch(root, out))
+            fp.register(argv, callback=_touch(root, out, text))
         elif i == failing:
             # openssl often leaves a partial output file behind when it fails
             fp.register(argv, returncode=1, stderr=OPENSSL_ERR, callback=_touch(root, out))
@@ -93,19 +154,17 @@ def _pki(tmp_path: Path) -> Path:
     root = tmp_path / "pki"
     for d in ("ca", "certs", "crl", "private", "newcerts"):
         (root / d).mkdir(parents=True)
-    for rel, text in {"ca/ca.crt": "ca", "private/ca.key": "key", "openssl.cnf": "[ v3_client ]\n[ v3_client_ec ]\n[ v3_server ]\n", "index.txt": "",
-                      "index.txt.attr": "unique_subject = no\n", "serial": "1000\n", "crlnumber": "1000\n"}.items():
+    for rel, text in {"ca/ca.crt": _ca()[1], "private/ca.key": _ca()[0], "openssl.cnf": "[ v3_client ]\n[ v3_client_ec ]\n[ v3_server ]\n",
+                      "index.txt": "", "index.txt.attr": "unique_subject = no\n", "serial": "1000\n", "crlnumber": "1000\n"}.items():
         (root / rel).write_text(text)
     return root
 
 
-PEM = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"
-
-
 def _fake_sign(root: Path, name: str, row_name: str | None = None):
     def callback(process):
-        (root / f"certs/{name}.crt").write_text("Certificate:\n  text dump\n" + PEM)
-        (root / "newcerts/1000.pem").write_text(PEM)
+        pem = _client(name)[2]
+        (root / f"certs/{name}.crt").write_text("Certificate:\n  text dump\n" + pem)
+        (root / "newcerts/1000.pem").write_text(pem)
         with open(root / "index.txt", "a") as fh:
             fh.write(f"V\t270113182136Z\t\t1000\tunknown\t/CN={row_name or name}\n")
         (root / "serial").write_text("1001\n")
@@ -127,7 +186,8 @@ def _add_client_argv(name: str) -> list[list[str]]:
 
 
 def _register_add_client(fp, root: Path, name: str, failing: int | None = None, stdin_seen: list | None = None):
-    outputs = [_touch(root, f"private/{name}.key"), _touch(root, f"certs/{name}.csr"), _fake_sign(root, name),
+    key, csr, _ = _client(name)
+    outputs = [_touch(root, f"private/{name}.key", key), _touch(root, f"certs/{name}.csr", csr), _fake_sign(root, name),
                _touch(root, f"certs/{name}.p12"), None]
     for i, (argv, cb) in enumerate(zip(_add_client_argv(name), outputs, strict=True)):
         if failing is not None and i > failing:
@@ -187,8 +247,8 @@ def test_add_client_openssl_ca_exit_0_without_database_row_is_rolled_back(fp, tm
     root = _pki(tmp_path)
     before = tree(root)
     argv = _add_client_argv("laptop")
-    fp.register(argv[0], callback=_touch(root, "private/laptop.key"))
-    fp.register(argv[1], callback=_touch(root, "certs/laptop.csr"))
+    fp.register(argv[0], callback=_touch(root, "private/laptop.key", _client("laptop")[0]))
+    fp.register(argv[1], callback=_touch(root, "certs/laptop.csr", _client("laptop")[1]))
     fp.register(argv[2], callback=_fake_sign(root, "laptop", row_name="someone-else"))
     settings = resolve_settings(root, None, environ={})
     with pytest.raises(StateError, match="not \\(uniquely\\) in index.txt"):

@@ -1,0 +1,129 @@
+"""After a change of what nginx reads: publish it, test and reload nginx, prime the OCSP responder.
+
+Every command that writes the CRL (revoke, replace, crl, renew) ends with `after_crl_change`. By then its
+change is done and kept (index.txt and the new CRL say so), so nothing that fails here undoes it: the result
+says what happened, and `AfterChange.failure()` is the error the command exits with (1), worded for that
+command ("the revocation is done and kept; only the nginx reload failed: ...").
+
+The order matters: publish first (the other nginx hosts get the CRL even when the local reload fails), then
+the local nginx test and reload (nginx reads the CRL only at reload), then the OCSP responder is asked once
+(its first answer after an index change is stale; see ocsp.prime).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from mtlsctl.errors import MtlsError, ReloadFailed
+from mtlsctl.pki import Settings
+from mtlsctl.publish import PublishOutcome
+from mtlsctl.runner import Runner
+
+# What a command has completed (and keeps) by the time it reloads nginx: a failed reload does not undo it.
+DONE_BEFORE_RELOAD = {
+    "revoke": "the revocation is done and kept (index.txt and the new CRL list it)",
+    "replace": "the replacement is done and kept (new certificate issued, old one revoked, CRL regenerated)",
+    "crl": "the new CRL is written and kept",
+    "renew": "the renewals and the CRL are done and kept",
+}
+DONE_BY_DEFAULT = "what this run changed is done and kept"
+
+# How a reload command fails on a host (or container) without systemd.
+NO_SYSTEMD = ("booted with systemd", "Failed to connect to bus", "systemctl: not found", "systemctl: command not found",
+              "No such file or directory: 'systemctl'")
+
+# Which certificate the primed responder now answers "revoked" for, by command.
+_PRIMED_FOR = {"replace": "the old certificate"}
+
+
+@dataclass(frozen=True)
+class AfterChange:
+    """What happened after a writer's change: published, reloaded, primed, and the errors (none: all went well).
+
+    `notes` are the lines for the person at the terminal, in the order things happened.
+    """
+
+    operation: str  # the command whose change this follows: revoke, replace, crl, renew
+    published: PublishOutcome = PublishOutcome(False)  # ran=False: nothing changed, or no publish.command
+    reloaded: bool = False
+    reload_error: str | None = None  # the nginx test or reload failed (the change stands)
+    primed: bool = False
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def errors(self) -> list[str]:
+        """What went wrong here, in words (publish first, then the reload)."""
+        out = []
+        if not self.published.ok:
+            out.append(f"the publish command failed (exit {self.published.returncode}): {self.published.detail}")
+        if self.reload_error:
+            out.append(self.reload_error)
+        return out
+
+    def failure(self) -> ReloadFailed | None:
+        """The error the command ends with (exit 1), after it has shown its result; None when all went well."""
+        if not self.published.ok:
+            return ReloadFailed(f"the publish command failed (exit {self.published.returncode}): {self.published.detail}"
+                                + (f"; also: {self.reload_error}" if self.reload_error else ""),
+                                hint="the CRL changed here but did not reach the nginx hosts; fix it and run `mtlsctl crl`")
+        if self.reload_error:
+            done = DONE_BEFORE_RELOAD.get(self.operation, DONE_BY_DEFAULT)
+            if any(sign in self.reload_error for sign in NO_SYSTEMD):
+                hint = ("this host does not run systemd: pass --no-reload and reload nginx yourself (e.g. `nginx -s reload`), "
+                        "or set nginx.reload_command in the profile (e.g. \"nginx -s reload\", or \"\" to never reload)")
+            else:
+                hint = "fix nginx, then run `mtlsctl nginx reload` (or pass --no-reload when nginx runs elsewhere)"
+            return ReloadFailed(f"{done}; only the nginx reload failed: {self.reload_error}; nginx still uses the old CRL "
+                                "until it reloads", hint=hint)
+        return None
+
+    def to_json(self) -> dict[str, object]:
+        """The keys every writer's --json carries: reloaded, published {ran, exit, detail}."""
+        return {"reloaded": self.reloaded, "published": self.published.to_json()}
+
+
+def after_crl_change(settings: Settings, operation: str, *, changed: bool, reload: bool = True,
+                     prime: str | None = None, runner: Runner | None = None) -> AfterChange:
+    """Publish, test and reload nginx, prime OCSP, after `operation` changed the CRL (or a certificate nginx serves).
+
+    Args:
+        settings: the PKI and its profile (publish.command, nginx.test_command/reload_command, ocsp).
+        operation: the command that made the change; words the failure (DONE_BEFORE_RELOAD).
+        changed: whether anything changed; when not, nothing is published or reloaded.
+        reload: False for --no-reload: publish still runs, nginx is left alone.
+        prime: the name whose certificate the OCSP responder is asked about once (after a revocation).
+        runner: runs the priming request (no CA key involved).
+
+    Returns:
+        What happened. Never raises for a failed publish or reload: those are in `errors` and `failure()`,
+        because the change itself is done and kept.
+    """
+    notes: list[str] = []
+    published = PublishOutcome(False)
+    if changed and settings.profile.publish is not None:
+        from mtlsctl.publish import publish
+
+        published = publish(settings)
+        if published.ok:
+            notes.append(f"published: `{settings.profile.publish.command}` exited 0")
+    reloaded, reload_error = False, None
+    if changed and reload:
+        from mtlsctl.nginx import test_and_reload
+
+        try:
+            outcome = test_and_reload(settings.profile.nginx)
+        except MtlsError as exc:
+            reload_error = exc.message
+        else:
+            reloaded = outcome.reloaded
+            if not outcome.reloaded:
+                notes.append(outcome.detail)
+    primed = False
+    if prime is not None:
+        from mtlsctl import ocsp
+
+        primed = ocsp.prime(settings, prime, runner or Runner())
+        if primed:
+            notes.append(f"OCSP responder primed: its next answer for {_PRIMED_FOR.get(operation, 'this certificate')} "
+                         "says revoked")
+    return AfterChange(operation, published, reloaded, reload_error, primed, notes)
