@@ -107,15 +107,20 @@ def after_crl_change(settings: Settings, operation: str, *, changed: bool, reloa
         if published.ok:
             notes.append(f"published: `{settings.profile.publish.command}` exited 0")
     reloaded, reload_error = False, None
-    if changed and reload:
+    waiting = pending_reload(settings)
+    if reload and (changed or waiting):
         from mtlsctl.nginx import test_and_reload
 
+        if waiting and not changed:
+            notes.append(f"retrying the nginx reload that failed earlier ({waiting})")
         try:
             outcome = test_and_reload(settings.profile.nginx)
         except MtlsError as exc:
             reload_error = exc.message
+            mark_pending_reload(settings, f"{operation}: {exc.message}")
         else:
             reloaded = outcome.reloaded
+            clear_pending_reload(settings)
             if not outcome.reloaded:
                 notes.append(outcome.detail)
     primed = False
@@ -127,3 +132,42 @@ def after_crl_change(settings: Settings, operation: str, *, changed: bool, reloa
             notes.append(f"OCSP responder primed: its next answer for {_PRIMED_FOR.get(operation, 'this certificate')} "
                          "says revoked")
     return AfterChange(operation, published, reloaded, reload_error, primed, notes)
+
+
+# ------------------------------------------------------------------ a reload that failed is not forgotten
+
+PENDING_RELOAD = ".mtlsctl.reload-pending"  # mtlsctl's state (never backed up): the CRL nginx has not loaded
+
+
+def pending_reload(settings: Settings) -> str | None:
+    """Why nginx has not loaded the current CRL (a failed reload after a change), or None.
+
+    A failed reload leaves nginx on the old CRL, and the next `crl --if-due` (not due) would otherwise see
+    nothing to do: the marker makes every later writer, `crl --if-due` included, try the reload again, and
+    `doctor` report it, until a reload succeeds.
+    """
+    try:
+        return settings.pki.path(PENDING_RELOAD).read_text(encoding="utf-8", errors="replace")[:300].strip() or "unknown"
+    except FileNotFoundError:
+        return None
+    except OSError:
+        return "the marker is unreadable"
+
+
+def mark_pending_reload(settings: Settings, reason: str) -> None:
+    from datetime import datetime, timezone
+
+    from mtlsctl.files import MODE_SECRET, atomic_write
+
+    try:
+        atomic_write(settings.pki.path(PENDING_RELOAD), f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC {reason}\n", MODE_SECRET)
+    except OSError:
+        pass  # the failure itself is reported by the command; the marker only helps later runs
+
+
+def clear_pending_reload(settings: Settings) -> None:
+    import contextlib
+
+    with contextlib.suppress(FileNotFoundError):
+        settings.pki.path(PENDING_RELOAD).unlink()
+

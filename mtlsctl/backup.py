@@ -3,11 +3,11 @@
 
 Backups are restorable by construction, and nothing in an archive is trusted:
 
-- one PKI layout (`_layout` below, with archive/NAME/SERIAL/ for replaced devices' old files) decides what a backup holds and what a restore accepts. Backup archives
-  only regular files and directories of that layout, read without following links; it refuses a PKI with a
-  symlink, FIFO, socket or device in it (naming them), leaves out mtlsctl's own state (`.mtlsctl.lock`,
-  `.mtlsctl.journal/`, `ocsp.pid`) and reports anything else it left out. Every member is written as a
-  regular file or directory (never a hard link), with the mode restore would give it.
+- one PKI layout (`_layout` below, with archive/NAME/SERIAL/ for replaced devices' old files) decides what a backup
+  holds and what a restore accepts. Backup archives only regular files and directories of that layout, read without
+  following links; it refuses a PKI with a symlink, FIFO, socket or device in it (naming them), leaves out mtlsctl's
+  own state (`.mtlsctl.lock`, `.mtlsctl.journal/`, `ocsp.pid`) and reports anything else it left out. Every member
+  is written as a regular file or directory (never a hard link), with the mode restore would give it.
 - the encrypted backup streams the tar into `openssl enc` on stdin; openssl writes the ciphertext to a
   mkstemp file next to --out: no plaintext byte reaches the disk. The finished file is read back (decrypted
   to a pipe) and its members compared with what was written before it is renamed to --out (never replacing
@@ -38,7 +38,15 @@ from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, BinaryIO
 
 from mtlsctl.errors import InputError, MtlsError, OpenSSLError
-from mtlsctl.files import MODE_CA_KEY, MODE_PRIVATE_DIR, MODE_PUBLIC_DIR, atomic_write, fsync_dir, read_lock
+from mtlsctl.files import (
+    MODE_CA_KEY,
+    MODE_PRIVATE_DIR,
+    MODE_PUBLIC_DIR,
+    atomic_write,
+    check_owned_dir,
+    fsync_dir,
+    read_lock,
+)
 from mtlsctl.pki import DB_FILES_WITH_BACKUPS, DIRS, PROFILE_NAME, Settings
 from mtlsctl.runner import Runner, summarize_stderr
 
@@ -408,6 +416,9 @@ def _rename_noreplace(src: str, dst: str) -> None:
 def _resolve_out(out: Path, encrypted: bool, pki_root: Path) -> tuple[Path, str]:
     out = out.expanduser().absolute()
     note = ""
+    if out.is_symlink():  # to a directory, it would put the backup wherever the link's owner points it
+        raise InputError(f"{out} already exists (a symbolic link, to {os.readlink(out)}): a backup is never written through a link",
+                         hint="give the real file or directory as --out")
     if out.is_dir():
         out = out / default_name(encrypted)
         note = f"--out is a directory: writing {out}"
@@ -419,6 +430,9 @@ def _resolve_out(out: Path, encrypted: bool, pki_root: Path) -> tuple[Path, str]
         raise InputError(f"--out {out}: directory {parent} does not exist", hint="create it first, or pick another --out")
     if not parent.is_dir():
         raise InputError(f"--out {out}: {parent} is not a directory")
+    # Its owner (or anyone, when it is group/other-writable and not sticky) could swap the verified file
+    # before the rename: only the euid's, root's, or a sticky directory such as /tmp.
+    check_owned_dir(parent, "--out's directory", follow=True, allow_root=True, allow_sticky=True)
     real_parent, real_pki = Path(os.path.realpath(parent)), Path(os.path.realpath(pki_root))
     if real_parent == real_pki or real_pki in real_parent.parents:
         raise InputError("--out is inside the PKI directory", hint="write the backup somewhere else")
@@ -628,6 +642,9 @@ def restore(backup_file: Path, target: Path, passphrase: str | None, runner: Run
     target = validate.pki_dir(target)
     if target.exists() and not target.is_dir():
         raise InputError(f"--pki-dir {target} is not a directory")
+    # An existing target must be ours and writable by us alone: another user could swap ca/ for a link
+    # while we write, and the final chmods would follow it.
+    check_owned_dir(target, "--pki-dir", follow=True)
     try:
         if target.exists() and any(target.iterdir()):
             raise InputError(f"{target} exists and is not empty", hint="restore into a new directory; mtlsctl never overwrites a PKI")
@@ -744,11 +761,27 @@ def _extract(tar: tarfile.TarFile, plan: _Plan, target: Path, undo: _Undo) -> Re
     repointed, warnings = _repoint(target)
     for rel in sorted(final_dir_modes, key=len, reverse=True):
         if rel or created_root:
-            os.chmod(target.joinpath(*rel), final_dir_modes[rel])
+            _chmod_dir(target.joinpath(*rel), final_dir_modes[rel])
     if created_root and () not in final_dir_modes:
-        os.chmod(target, MODE_PUBLIC_DIR)
+        _chmod_dir(target, MODE_PUBLIC_DIR)
     fsync_dir(target)
     return RestoreResult(target, count, clamped, plan.skipped, repointed, warnings)
+
+
+def _chmod_dir(path: Path, mode: int) -> None:
+    """chmod a directory restore created, never through a link swapped in meanwhile (O_NOFOLLOW|O_DIRECTORY,
+    then fchmod: Linux has no lchmod)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+            raise InputError(f"{path} is no longer the directory restore created (a link or file was swapped in): "
+                             "refused, what restore wrote was removed", hint="restore into a directory only you can write") from None
+        raise
+    try:
+        os.fchmod(fd, mode)
+    finally:
+        os.close(fd)
 
 
 _DIR_LINE = re.compile(r"^(?P<lead>\s*dir\s*=\s*)(?P<value>[^#\n]*?)(?P<tail>\s*(#.*)?)$")
@@ -775,8 +808,6 @@ def repoint_cnf(text: str, target: Path) -> tuple[str, list[str]]:
 
 def _repoint(target: Path) -> tuple[list[str], list[str]]:
     """openssl.cnf's `dir` (every section) and mtls.yaml's `pki_dir` name the old place: point them here."""
-    import yaml
-
     repointed: list[str] = []
     warnings: list[str] = []
     cnf = target / "openssl.cnf"
@@ -791,9 +822,44 @@ def _repoint(target: Path) -> tuple[list[str], list[str]]:
     prof = target / PROFILE_NAME
     if prof.exists():
         text = prof.read_text(encoding="utf-8", errors="replace")
-        line = yaml.safe_dump({"pki_dir": str(target)}, default_flow_style=False).strip()
-        new, n = re.subn(r"^pki_dir\s*:.*$", lambda _m: line, text, flags=re.M)
-        if n and new != text:
+        new, why = repoint_profile(text, target)
+        if why:
+            warnings.append(f"{PROFILE_NAME}: {why}; its pki_dir was not re-pointed")
+        elif new != text:
             atomic_write(prof, new, stat.S_IMODE(prof.stat().st_mode))
             repointed.append(f"{PROFILE_NAME} pki_dir -> {target}")
     return repointed, warnings
+
+
+# A top-level `pki_dir:` line, the key bare or quoted, with whatever value (plain, quoted) and comment.
+_PKI_DIR_LINE = re.compile(r"""^(?:pki_dir|"pki_dir"|'pki_dir')[ \t]*:(?:[ \t].*)?$""", re.M)
+
+
+def repoint_profile(text: str, target: Path) -> tuple[str, str]:
+    """mtls.yaml with its `pki_dir` set to `target` (the text unchanged when it has none), and why it could
+    not be (or ""). The line is replaced in place (comments kept) when that gives exactly the same mapping
+    with the new pki_dir; otherwise (flow style, a value over several lines) the mapping is written again with
+    mtlsctl's own dumper (dump_profile's)."""
+    import yaml
+
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text, "not valid YAML"
+    if data is None:
+        return text, ""
+    if not isinstance(data, dict):
+        return text, "not a mapping"
+    if "pki_dir" not in data:
+        return text, ""
+    wanted = {**data, "pki_dir": str(target)}
+    line = yaml.safe_dump({"pki_dir": str(target)}, default_flow_style=False).strip()
+    new, n = _PKI_DIR_LINE.subn(lambda _m: line, text)
+    if n == 1:
+        try:
+            if yaml.safe_load(new) == wanted:
+                return new, ""
+        except yaml.YAMLError:
+            pass
+    header = "# mtlsctl site profile (pki_dir re-pointed by mtlsctl restore; see docs/profile.md)\n"
+    return header + yaml.safe_dump(wanted, sort_keys=False, default_flow_style=False), ""

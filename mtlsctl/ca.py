@@ -18,6 +18,8 @@ from mtlsctl.files import (
     MODE_PUBLIC_DIR,
     Transaction,
     atomic_write,
+    check_owned_dir,
+    chmod_nofollow,
     pki_lock,
     produce,
 )
@@ -91,6 +93,16 @@ def _refuse_existing(pki: Pki, config_text: str) -> None:
             raise InputError(f"{pki.path(rel)} already exists", hint="move it away or use another --pki-dir")
 
 
+def _refuse_untrusted_dirs(pki: Pki) -> None:
+    """An existing PKI directory (followed: the user may name it through a link of their own) and its layout
+    directories (never followed) must be the euid's and not group/other-writable: another user could plant a
+    link (`ca -> /root/victim`) that the chmods below would follow, or swap what openssl reads."""
+    if check_owned_dir(pki.root, "the PKI directory", follow=True) is None:
+        return
+    for rel in DIRS:
+        check_owned_dir(pki.path(rel), "the PKI's directory")
+
+
 def init_pki(settings: Settings, runner: Runner, now: datetime | None = None, ca_passphrase: str | None = None) -> InitResult:
     """Create the PKI; on any failure remove everything this run created.
 
@@ -103,6 +115,7 @@ def init_pki(settings: Settings, runner: Runner, now: datetime | None = None, ca
         raise InputError("ca.key.encrypt is true but no CA passphrase was given",
                          hint="run on a terminal, or give --ca-passphrase-file FILE / --ca-passphrase-fd N")
     config_text = openssl.render_openssl_cnf(profile, pki)
+    _refuse_untrusted_dirs(pki)  # before anything is read, created or locked there
     _refuse_existing(pki, config_text)
 
     missing = []
@@ -124,10 +137,11 @@ def init_pki(settings: Settings, runner: Runner, now: datetime | None = None, ca
             for rel in DIRS:
                 path = pki.path(rel)
                 mode = MODE_PRIVATE_DIR if rel == "private" else MODE_PUBLIC_DIR
-                if not path.exists():
+                if not os.path.lexists(path):
                     path.mkdir(mode=mode)
                     tx.created(path)
-                os.chmod(path, mode)
+                check_owned_dir(path, "the PKI's directory")  # never chmod through a link swapped in meanwhile
+                chmod_nofollow(path, mode)
             for rel, content in {**INITIAL_FILES, pki.openssl_cnf: config_text}.items():
                 path = pki.path(rel)
                 if not path.exists():

@@ -693,13 +693,18 @@ def export_client(settings: Settings, name: str, *, p12: str | None, password: s
     refuse_symlink(target)  # a link planted at --out (or certs/NAME.p12) is refused by name, before openssl runs
     if target.exists() and not force:
         raise InputError(f"{target} already exists", hint="add --force to replace it, or --out to write elsewhere")
+    if target.exists() and not target.is_file():  # /dev/zero, a FIFO: never read (snapshotted) nor replaced
+        raise InputError(f"--out {target} is not a regular file", hint="give a file name (or a directory) for the bundle")
     if not target.parent.is_dir():
         raise InputError(f"--out {target}: directory {target.parent} does not exist")
     if not pki.path(files.key).exists():
-        raise InputError(f"no private key for {name!r} ({files.key} missing)", hint="a bundle needs the key; a CSR signed elsewhere has none here")
+        raise InputError(f"no private key for {name!r} ({files.key} missing)",
+                         hint="a bundle needs the key; a CSR signed elsewhere has none here")
     # The password file belongs to certs/NAME.p12: a bundle written there replaces it (a generated password)
     # or removes it (the user's own); a bundle written elsewhere (--out) leaves both alone.
-    own_bundle = os.path.abspath(target) == os.path.abspath(pki.path(files.p12))
+    own_p12 = pki.path(files.p12)  # compared resolved (a PKI reached through a link) and by inode
+    own_bundle = os.path.realpath(target) == os.path.realpath(own_p12) or (
+        target.exists() and own_p12.exists() and os.path.samefile(target, own_p12))
     secret_file = pki.path(password_file(name))
     if own_bundle:
         refuse_symlink(secret_file)
@@ -878,7 +883,8 @@ def issue_batch(settings: Settings, names: list[str], runner: Runner, *, days: i
         files, row = ClientFiles(req.name), rows[req.name]
         error = outcomes[req.name]
         if error:
-            result.failed.append((req.name, f"issued (serial {row.serial}) but the bundle failed: {error}; run `mtlsctl export {req.name}`"))
+            result.failed.append((req.name, f"issued (serial {row.serial}) but the bundle failed: {error}; "
+                                            f"run `mtlsctl export {req.name}`"))
             continue
         result.issued.append(IssueResult(
             name=req.name, serial=row.serial, not_after=row.expires, key=pki.path(files.key), csr=pki.path(files.csr),

@@ -170,10 +170,29 @@ def read_crl_info_or_none(pki: Pki, runner: Runner) -> CrlInfo | None:
         return None
 
 
-def is_due(info: CrlInfo | None, refresh_within_days: int, now: datetime | None = None) -> bool:
-    """A CRL is due when missing or when its nextUpdate is within the refresh window."""
+def is_due(info: CrlInfo | None, refresh_within_days: int, now: datetime | None = None, pki: Pki | None = None) -> bool:
+    """A CRL is due when missing, when its nextUpdate is within the refresh window, or (given the PKI) when it
+    lacks a serial that index.txt says is revoked: a run killed between `openssl ca -revoke` and `-gencrl`
+    leaves the revocation in the database but not in the CRL nginx reads, and only a new CRL closes that."""
     now = now or datetime.now(timezone.utc)
-    return info is None or info.next_update - now <= timedelta(days=refresh_within_days)
+    if info is None or info.next_update - now <= timedelta(days=refresh_within_days):
+        return True
+    return pki is not None and bool(missing_revocations(pki))
+
+
+def missing_revocations(pki: Pki) -> list[str]:
+    """Serials index.txt marks revoked (R) that crl/ca.crl does not list (parsed, not text)."""
+    from mtlsctl import db
+    from mtlsctl.x509read import load_crl, serial_hex
+
+    revoked = {db.normalize_serial(r.serial) for r in db.read_index(pki.path(pki.index)) if r.status == "R"}
+    if not revoked:
+        return []
+    try:
+        listed = {serial_hex(entry.serial_number) for entry in load_crl(pki.path(pki.crl).read_bytes(), pki.crl)}
+    except (OSError, StateError):
+        return sorted(revoked)
+    return sorted(revoked - {db.normalize_serial(s) for s in listed})
 
 
 @dataclass(frozen=True)
@@ -193,7 +212,7 @@ def refresh_crl(pki: Pki, profile: Profile, runner: Runner, *, if_due: bool, now
     pki.require_ca()
     with pki_lock(pki.lock_path):
         current = read_crl_info_or_none(pki, runner)
-        if if_due and not is_due(current, profile.crl.refresh_within_days, now):
+        if if_due and not is_due(current, profile.crl.refresh_within_days, now, pki):
             assert current is not None
             return CrlResult(False, current)
         with Transaction(pki.root) as tx:
@@ -208,7 +227,7 @@ def plan_crl(pki: Pki, profile: Profile, *, if_due: bool, now: datetime) -> tupl
     """What `crl [--if-due]` would run (--dry-run): the same due check as the real run, then its command."""
     pki.require_ca()
     current = read_crl_info_or_none(pki, None)  # type: ignore[arg-type]
-    if if_due and not is_due(current, profile.crl.refresh_within_days, now):
+    if if_due and not is_due(current, profile.crl.refresh_within_days, now, pki):
         assert current is not None
         return [], [f"not due: the CRL is valid until {current.next_update:%Y-%m-%d %H:%M} UTC (crl.refresh_within_days "
                     f"{profile.crl.refresh_within_days})"]

@@ -141,7 +141,8 @@ def parse_index(text: str, source: str = "index.txt") -> list[IndexRow]:
             continue
         fields = line.split("\t")
         if len(fields) != 6 or fields[0] not in ("V", "R", "E"):
-            raise StateError(f"{source} line {lineno} is not an openssl ca database row", hint="restore index.txt from index.txt.old or a backup")
+            raise StateError(f"{source} line {lineno} is not an openssl ca database row",
+                             hint="restore index.txt from index.txt.old or a backup")
         status, expiry, revocation, serial, _filename, subject = fields
         revoked_at = reason = None
         if revocation:

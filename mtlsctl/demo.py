@@ -26,9 +26,9 @@ from pathlib import Path
 from mtlsctl import client, db, lifecycle
 from mtlsctl.ca import init_pki
 from mtlsctl.errors import InputError, StateError
-from mtlsctl.files import MODE_PUBLIC, atomic_write
+from mtlsctl.files import MODE_PUBLIC, atomic_write, check_owned_dir
 from mtlsctl.nginx import render_site
-from mtlsctl.pki import PROFILE_NAME, Pki, Settings
+from mtlsctl.pki import DIRS, PROFILE_NAME, Pki, Settings
 from mtlsctl.profile import Profile, dump_profile, load_profile
 from mtlsctl.runner import Runner, run_argv, spawn
 from mtlsctl.templates import render_file
@@ -225,9 +225,39 @@ def check_port(port: int | None) -> int | None:
     return port
 
 
+# What the demo writes into (besides the PKI's own layout): a directory another user controls is refused.
+DEMO_DIRS = ("nginx", "nginx/logs", "nginx/tmp")
+# Files of an existing demo that make the demo (or the openssl and nginx it runs) load code or run commands.
+DEMO_FILES = (PROFILE_NAME, "openssl.cnf", "nginx/nginx.conf", "nginx/site.conf")
+
+
+def refuse_foreign_demo(root: Path) -> None:
+    """An existing demo directory is reused only when it is ours: it, every directory the demo writes into and
+    the files that load code (openssl.cnf can load a provider module; mtls.yaml names nginx's commands) must be
+    owned by the euid and not group/other-writable, and no link may stand where a directory belongs.
+
+    Raises:
+        InputError: naming the directory or file and the fix.
+    """
+    if check_owned_dir(root, "the demo directory", follow=True) is None:
+        return
+    for rel in (*DIRS, *DEMO_DIRS):
+        check_owned_dir(root / rel, "the demo's directory")
+    for rel in DEMO_FILES:
+        try:
+            st = os.lstat(root / rel)
+        except FileNotFoundError:
+            continue
+        if not os.path.isfile(root / rel) or os.path.islink(root / rel) or st.st_uid != os.geteuid() or st.st_mode & 0o022:
+            raise InputError(f"{root / rel} of the existing demo is not a regular file of yours that only you can write "
+                             "(another user may have built this demo)",
+                             hint=f"remove {root} to start the demo afresh, or give another directory")
+
+
 def run_demo(directory: Path, port: int | None, keep: bool, runner: Runner) -> DemoReport:
     """Build (or reuse) the demo PKI, then run nginx and the guide's four checks when nginx exists."""
     root = directory.absolute()
+    refuse_foreign_demo(root)  # before its profile is read or anything is written there
     pki = Pki(root)
     local = LocalNginx(root / "nginx")
     port = port or free_port()

@@ -165,7 +165,8 @@ def check_database(settings: Settings, now: datetime | None = None) -> list[Find
         out.append(Finding("database", "error", f"serial {serial} is in index.txt but newcerts/{serial}.pem is missing",
                            "restore newcerts/ from a backup"))
     for serial in sorted(newcerts - serials):
-        out.append(Finding("database", "error", f"newcerts/{serial}.pem is not in index.txt (an orphan certificate: it can never be revoked)",
+        out.append(Finding("database", "error",
+                           f"newcerts/{serial}.pem is not in index.txt (an orphan certificate: it can never be revoked)",
                            f"revoke it by hand: openssl ca -config openssl.cnf -valid newcerts/{serial}.pem, then -revoke"))
     try:
         next_serial = int(db.read_serial(pki.path(pki.serial)), 16)
@@ -228,12 +229,10 @@ def check_config(settings: Settings) -> list[Finding]:
     if not dirs:
         out.append(Finding("config", "error", f"openssl.cnf's dir is (missing), not {pki.root}",
                            f"set `dir = {pki.root}` in [ CA_default ] of openssl.cnf"))
-    for section, value in dirs:  # every section: [ CA_default ] and, two-tier, [ root_ca ] (crl --root)
-        here = value if os.path.isabs(value) else os.path.join(pki.root, value)  # openssl runs in the PKI
-        if "$" in value or os.path.realpath(here) != os.path.realpath(pki.root):
-            out.append(Finding("config", "error", f"openssl.cnf's dir is {value or '(empty)'} in [ {section} ], not {pki.root}: "
-                               "openssl would use another directory's files and keys",
-                               f"set `dir = {pki.root}` in [ {section} ] of openssl.cnf (the PKI was moved?)"))
+    for section, value in pki.foreign_dirs():  # every section: [ CA_default ] and, two-tier, [ root_ca ] (crl --root)
+        out.append(Finding("config", "error", f"openssl.cnf's dir is {value or '(empty)'} in [ {section} ], not {pki.root}: "
+                           "openssl would use another directory's files and keys (writers refuse to run)",
+                           f"set `dir = {pki.root}` in [ {section} ] of openssl.cnf (the PKI was moved?)"))
     if not re.search(r"^\s*unique_subject\s*=\s*no", cnf, re.M):
         out.append(Finding("config", "warn", "openssl.cnf does not say unique_subject = no",
                            "add `unique_subject = no` to [ CA_default ] (renewal briefly holds two valid certificates of a name)"))
@@ -280,6 +279,16 @@ def check_nginx(settings: Settings) -> list[Finding]:
     return out or [Finding("nginx", "ok", f"{nginx.site_file} is current and its files exist")]
 
 
+def check_pending_reload(settings: Settings) -> list[Finding]:
+    from mtlsctl.after_change import pending_reload
+
+    why = pending_reload(settings)
+    if why is None:
+        return []
+    return [Finding("nginx", "error", f"nginx has not loaded the current CRL: a reload failed ({why})",
+                    "fix the cause, then mtlsctl nginx reload (every later revoke, crl or renew also retries it)")]
+
+
 def run_doctor(settings: Settings, runner: Runner, now: datetime | None = None) -> list[Finding]:
     now = now or datetime.now(timezone.utc)
     settings.pki.require_ca()
@@ -288,8 +297,9 @@ def run_doctor(settings: Settings, runner: Runner, now: datetime | None = None) 
     findings += check_modes(settings)
     findings += check_ca(settings, runner, now)
     findings += check_crl(settings, runner, now)
-    findings += check_database(settings)
+    findings += check_database(settings, now)
     findings += check_config(settings)
     findings += check_nginx(settings)
+    findings += check_pending_reload(settings)
     return findings
 

@@ -216,6 +216,9 @@ def pki_lock(lock_path: Path, timeout: float = 120.0, *, recover_journal: bool =
         _HELD_ROOTS[root] = "exclusive"
         if recover_journal:
             recover(root)  # a run killed while holding this lock left its journal behind
+        from mtlsctl.pki import Pki
+
+        Pki(root).require_own_config()  # every writer: openssl must work on THIS directory
         try:
             yield
         except BaseException:
@@ -1095,3 +1098,27 @@ def protect_database(root: Path, tx: Transaction) -> None:
     changed = tx._record_listing(root / "newcerts") or changed
     if changed:
         tx._persist()
+
+
+def check_owned_dir(path: Path, what: str, *, follow: bool = False, allow_root: bool = False,
+                    allow_sticky: bool = False) -> os.stat_result | None:
+    """Refuse (exit 2, one line with the fix) a directory another user controls: a symbolic link (unless
+    `follow`), not a directory, owned by someone other than the euid (root too with `allow_root`), or
+    group/other-writable (unless sticky with `allow_sticky`: /tmp). None when `path` does not exist."""
+    try:
+        st = os.stat(path) if follow else os.lstat(path)
+    except FileNotFoundError:
+        return None
+    if stat.S_ISLNK(st.st_mode):
+        raise InputError(f"{what} {path} is a symbolic link (to {os.readlink(path)}); mtlsctl never works through one",
+                         hint=f"give the real directory instead of the link, or remove {path}")
+    if not stat.S_ISDIR(st.st_mode):
+        raise InputError(f"{what} {path} is not a directory", hint="move it away, or use another directory")
+    euid = os.geteuid()
+    if st.st_uid != euid and not (allow_root and st.st_uid == 0):
+        raise InputError(f"{what} {path} is owned by uid {st.st_uid}, not by you (uid {euid}): its owner could swap "
+                         "what mtlsctl writes or reads there", hint=f"use a directory you own, or check it and run: chown -R {euid} {path}")
+    if st.st_mode & 0o022 and not (allow_sticky and st.st_mode & stat.S_ISVTX):
+        raise InputError(f"{what} {path} is group/other-writable (mode {stat.S_IMODE(st.st_mode):o}): others could swap "
+                         "what mtlsctl writes or reads there", hint=f"check it and run: chmod go-w {path}")
+    return st

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 from mtlsctl import db, openssl, validate
 from mtlsctl.client import generate_password, write_fullchain
-from mtlsctl.crl import CrlInfo, gencrl_command, generate_crl, is_due, read_crl_info, read_crl_info_or_none
+from mtlsctl.crl import CrlInfo, gencrl_command, generate_crl, is_due, missing_revocations, read_crl_info, read_crl_info_or_none
 from mtlsctl.csr import check_renewal, read_request_file, review_request, sign_reviewed
 from mtlsctl.errors import InputError, MtlsError, StateError
 from mtlsctl.files import (
@@ -130,7 +130,7 @@ class RevokeResult:
     @property
     def changed(self) -> bool:
         """The CRL changed: publish it and reload nginx (after_change)."""
-        return bool(self.revoked)
+        return bool(self.revoked) or self.crl is not None
 
 
 def select_for_revoke(pki: Pki, name: str | None, serial_hex: str | None) -> list[db.IndexRow]:
@@ -179,7 +179,9 @@ def revoke(settings: Settings, *, name: str | None, serial_hex: str | None, why:
         for row in todo:
             revoke_row(pki, row, why, runner, tx)
         crl = None
-        if todo:
+        # "Already revoked" is not the end of it when the CRL does not list it yet (a run killed between
+        # -revoke and -gencrl): nginx would still accept the certificate, so the CRL is made now.
+        if todo or (already and missing_revocations(pki)):
             generate_crl(pki, settings.profile.crl.days, runner, tx, now)
             crl = read_crl_info(pki, runner)
         tx.checkpoint()
@@ -620,7 +622,7 @@ def renew(settings: Settings, *, within_days: int | None = None, days: int | Non
         with read_lock(pki.root):
             report.due = due_for_renewal(db.read_index(pki.path(pki.index)), within, now)
             report.crl = read_crl_info_or_none(pki, runner)
-        report.crl_regenerated = bool(report.due) or is_due(report.crl, profile.crl.refresh_within_days, now)
+        report.crl_regenerated = bool(report.due) or is_due(report.crl, profile.crl.refresh_within_days, now, pki)
         return report
     with pki_lock(pki.lock_path):
         report.due = due_for_renewal(db.read_index(pki.path(pki.index)), within, now)
@@ -644,7 +646,7 @@ def renew(settings: Settings, *, within_days: int | None = None, days: int | Non
                 except MtlsError as exc:
                     report.failed.append(RenewFailure(row.cn or "", row.serial, f"superseded, not revoked: {exc.message}"))
         current = read_crl_info_or_none(pki, runner)
-        if report.renewed or report.superseded or is_due(current, profile.crl.refresh_within_days, now):
+        if report.renewed or report.superseded or is_due(current, profile.crl.refresh_within_days, now, pki):
             with Transaction(pki.root) as tx:
                 generate_crl(pki, profile.crl.days, runner, tx, now)
                 tx.checkpoint()

@@ -144,7 +144,8 @@ def render_site(pki: Pki, nginx: NginxProfile, *, verify_client: str | None = No
     without a CA)."""
     verify = verify_client or nginx.verify_client
     if verify not in ("on", "optional"):
-        raise InputError(f"--verify-client {verify!r} is not allowed", hint="use on or optional (optional_no_ca admits self-signed certificates)")
+        raise InputError(f"--verify-client {verify!r} is not allowed",
+                         hint="use on or optional (optional_no_ca admits self-signed certificates)")
     for rel in (pki.ca_bundle, pki.crl_bundle):
         try:
             nginx_safe(str(pki.path(rel)), "path")

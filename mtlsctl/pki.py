@@ -110,6 +110,46 @@ class Pki:
             return False
         return "ENCRYPTED" in head
 
+    def foreign_dirs(self) -> list[tuple[str, str]]:
+        """(section, value) of every `dir =` in openssl.cnf that does not lead to this PKI directory.
+
+        openssl works on the files `dir` names, not on --pki-dir: a copied or moved PKI whose openssl.cnf still
+        names the old directory would sign into, revoke in and take the keys of that other PKI.
+        """
+        import re
+
+        try:
+            text = self.path(self.openssl_cnf).read_text(errors="replace")
+        except OSError:
+            return []
+        found, section = [], "default"
+        for raw in text.splitlines():
+            line = raw.split("#", 1)[0].strip()
+            head = re.fullmatch(r"\[\s*([^\]\s]+)\s*\]", line)
+            if head:
+                section = head.group(1)
+                continue
+            m = re.fullmatch(r"dir\s*=\s*(.*)", line)
+            if m:
+                value = m.group(1).strip()
+                if len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'":
+                    value = value[1:-1]
+                here = value if os.path.isabs(value) else os.path.join(self.root, value)  # openssl runs in the PKI
+                if not value or "$" in value or os.path.realpath(here) != os.path.realpath(self.root):
+                    found.append((section, value))
+        return found
+
+    def require_own_config(self) -> None:
+        """Writers refuse a PKI whose openssl.cnf names another directory (doctor says the same)."""
+        foreign = self.foreign_dirs()
+        if foreign:
+            from mtlsctl.errors import StateError
+
+            section, value = foreign[0]
+            raise StateError(f"openssl.cnf's dir is {value or '(empty)'} in [ {section} ], not {self.root}: openssl would "
+                             "sign, revoke and use the keys of that other directory; nothing was changed",
+                             hint=f"set `dir = {self.root}` in every section of openssl.cnf (was the PKI copied or moved?)")
+
     def require_ca(self) -> None:
         """Refuse to work on a directory that holds no CA (wrong --pki-dir, or init not run)."""
         def absent() -> list[str]:
@@ -149,7 +189,7 @@ def resolve_settings(
     Profile: --profile > MTLSCTL_PROFILE > <pki-dir>/mtls.yaml > built-in defaults (the guide's values).
     (Typer already folds the environment variables into the options; `environ` is for library callers.)
     """
-    from mtlsctl.profile import DEFAULT_PKI_DIR, Profile, load_profile
+    from mtlsctl.profile import DEFAULT_PKI_DIR, default_profile, load_profile
 
     env = os.environ if environ is None else environ
     if pki_dir is None and env.get("PKI_DIR"):
@@ -174,5 +214,5 @@ def resolve_settings(
             profile = load_profile(candidate)
             source = str(candidate)
         else:
-            profile = Profile()
+            profile = default_profile()
     return Settings(Pki(root), profile, source)

@@ -16,11 +16,12 @@ import contextlib
 import os
 import re
 import sys
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 
 from mtlsctl.errors import InputError, StateError
-from mtlsctl.files import MODE_PUBLIC, atomic_write, create_exclusive, fsync_dir, refuse_symlink
+from mtlsctl.files import MODE_PUBLIC, atomic_write, check_owned_dir, create_exclusive, fsync_dir, refuse_symlink
 from mtlsctl.pki import PROFILE_NAME, Settings
 from mtlsctl.templates import render_file
 
@@ -84,6 +85,16 @@ def _arg(value: str, what: str) -> str:
     return value
 
 
+def _no_control(value: str, what: str) -> str:
+    """A value rendered into a unit: a line break or other control character would end the line it is on (a
+    comment, say) and start unit syntax of its own; refused, naming the character."""
+    bad = sorted({c for c in value if unicodedata.category(c) in ("Cc", "Zl", "Zp")})
+    if bad:
+        raise InputError(f"{what} {value!r} contains {', '.join(repr(c) for c in bad)}, a control character a "
+                         "systemd unit would read as a line break or syntax", hint="use a path without control characters")
+    return value
+
+
 def _under(path: Path, roots: tuple[str, ...]) -> bool:
     return any(path == Path(r) or Path(r) in path.parents for r in roots)
 
@@ -123,14 +134,14 @@ def render_units(settings: Settings, mtlsctl: Path, unit_dir: Path = DEFAULT_DIR
     profile has an ocsp: section."""
     prefix = command_prefix(settings, mtlsctl, ca_passphrase_file)
     reads = [Path(prefix[i + 1]) for i, a in enumerate(prefix) if a in ("--profile", "--ca-passphrase-file")]
-    values = {"unit_dir": str(unit_dir), "mtlsctl": " ".join(prefix),
+    values = {"unit_dir": _no_control(str(unit_dir), "--dir"), "mtlsctl": _no_control(" ".join(prefix), "the command"),
               "hardening": hardening(mtlsctl, [settings.pki.root.absolute()], reads)}
     names = [*RENEW_UNITS, *CRL_UNITS] + ([OCSP_UNIT] if settings.profile.ocsp is not None else [])
     units = []
     for name in names:
         own = {k: v for k, v in values.items() if not (name.endswith(".timer") and k in ("mtlsctl", "hardening"))}
         if name == OCSP_UNIT:
-            own["ocsp_port"] = str(settings.profile.ocsp.port)  # type: ignore[union-attr]
+            own["ocsp_port"] = _no_control(str(settings.profile.ocsp.port), "ocsp.port")  # type: ignore[union-attr]
         units.append(Unit(name, render_file(f"systemd/{name}.template", own)))
     return units
 
@@ -148,8 +159,15 @@ def install(units: list[Unit], unit_dir: Path, *, force: bool = False, dry_run: 
     refused (all of them named, exit 2) unless `force`, which replaces it atomically. New files are created
     exclusively; if a write fails, the files this run created are removed. `dry_run` writes nothing and
     refuses nothing: it reports which targets exist."""
+    _no_control(str(unit_dir), "--dir")
+    if unit_dir.is_symlink():
+        raise InputError(f"--dir {unit_dir} is a symbolic link (to {os.readlink(unit_dir)})",
+                         hint="give the real directory; units are never written through a link")
     if not unit_dir.is_dir():
         raise InputError(f"--dir {unit_dir} is not a directory", hint="systemd reads /etc/systemd/system; or create the directory")
+    # Its owner (or anyone, if it is group/other-writable) could swap a unit after we wrote it: systemd would
+    # run their ExecStart= as root.
+    check_owned_dir(unit_dir, "--dir", allow_root=True, allow_sticky=True)
     targets = [(unit, unit_dir / unit.name) for unit in units]
     existing = [path for _, path in targets if os.path.lexists(path)]
     if dry_run:  # shows every unit, existing ones marked (`replaced`: would be replaced with --force, refused without)

@@ -165,7 +165,8 @@ def password(value: str, *, source: str) -> str:
     if value == "":
         raise InputError(f"the password from {source} is empty", hint="an empty export password is refused (macOS rejects such bundles)")
     if value.endswith("\r"):
-        raise InputError(f"the password from {source} ends with a carriage return", hint="the file has Windows line endings; save it with Unix ones")
+        raise InputError(f"the password from {source} ends with a carriage return",
+                         hint="the file has Windows line endings; save it with Unix ones")
     if "\n" in value or "\r" in value or "\x00" in value:
         raise InputError(f"the password from {source} contains a line break or NUL byte", hint="give one line only")
     if len(value) > PASSWORD_MAX:

@@ -143,3 +143,31 @@ def test_an_existing_directory_as_render_out_is_a_path_error(fast_pki, tmp_path)
     res = run_cli(["--pki-dir", str(fast_pki), "nginx", "render", "--out", str(out)])
     assert res.code == 2 and "Traceback" not in res.err and "internal error" not in res.err, res.err
     assert stat.S_ISDIR(out.stat().st_mode)
+
+
+@pytest.mark.parametrize("args", [
+    ["add-client", "x", "--password-file", "/dev/zero"],
+    ["export", "phone", "--force", "--out", "/dev/zero"],
+    ["add-client", "--from-file", "/dev/zero"],
+    ["backup", "--out", "BACKUP", "--passphrase-file", "/dev/zero"],
+])
+def test_endless_inputs_are_refused_without_filling_memory(fast_pki, tmp_path, args):
+    """A device given where a small file belongs: one line, exit 2, in a child limited to 400 MB (once: an OOM)."""
+    assert run_cli(["--pki-dir", str(fast_pki), "add-client", "phone"]).code == 0
+    args = [str(tmp_path / "b.tgz") if a == "BACKUP" else a for a in args]
+    code = (
+        "import resource\n"
+        "resource.setrlimit(resource.RLIMIT_AS, (400 << 20, 400 << 20))\n"
+        "from mtlsctl.cli import main\n"
+        f"main(['--pki-dir', {str(fast_pki)!r}, *{args!r}])\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 2, (res.returncode, res.stderr[-400:])
+    assert res.stderr.startswith("error: ") and "MemoryError" not in res.stderr and "Traceback" not in res.stderr
+
+
+def test_password_stdin_from_an_endless_pipe_is_refused(fast_pki):
+    code = f"from mtlsctl.cli import main; main(['--pki-dir', {str(fast_pki)!r}, 'add-client', 'y', '--password-stdin'])"
+    with open("/dev/zero", "rb") as zero:
+        res = subprocess.run([sys.executable, "-c", code], stdin=zero, capture_output=True, text=True, timeout=60)
+    assert res.returncode == 2 and "longer than" in res.stderr, res.stderr[-400:]

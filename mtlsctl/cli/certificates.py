@@ -74,8 +74,8 @@ def add_client(
             raise InputError("--from-file issues each client with its own generated password and no SANs",
                              hint="leave out --password-*, --san and --dry-run, or issue clients one by one")
         try:
-            names = client.read_names(from_file.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError) as exc:
+            names = client.read_names(io.read_bounded(from_file, f"--from-file {from_file}", limit=16 << 20))
+        except OSError as exc:
             raise InputError(f"cannot read --from-file {from_file}: {exc}") from None
         workers = client.batch_workers(jobs)
         batch = client.issue_batch(settings, names, runner(ctx, settings, signs=True), days=days, key_type=key_type, p12=p12,
@@ -95,7 +95,11 @@ def add_client(
     password = None if dry_run else io.read_password(password_stdin, password_file)
     req = client.build_request(settings, name, days=days, key_type=key_type, p12=p12, sans=san or [], password=password)
     if dry_run:
-        io.print_plan(settings.pki.root, client.plan_issue(settings, req), client.retire_notes(settings.pki, name), as_json=as_json)
+        io.print_plan(settings.pki.root, client.plan_issue(settings, req),
+                      [*client.retire_notes(settings.pki, name),
+                       f"then certs/{name}.fullchain.pem is written (the certificate"
+                       + (" and the issuing CA" if settings.pki.has_chain() else "") + "): what nginx render serves"],
+                      as_json=as_json)
         return
     result = client.issue_client(settings, req, runner(ctx, settings, signs=True))
     if as_json:
@@ -147,7 +151,11 @@ def add_server(
     settings = load_settings(ctx)
     req = client.server_request(settings, name, sans=san or [], days=days, key_type=key_type)
     if dry_run:
-        io.print_plan(settings.pki.root, client.plan_issue(settings, req), client.retire_notes(settings.pki, name), as_json=as_json)
+        io.print_plan(settings.pki.root, client.plan_issue(settings, req),
+                      [*client.retire_notes(settings.pki, name),
+                       f"then certs/{name}.fullchain.pem is written (the certificate"
+                       + (" and the issuing CA" if settings.pki.has_chain() else "") + "): what nginx render serves"],
+                      as_json=as_json)
         return
     result = client.issue_client(settings, req, runner(ctx, settings, signs=True))
     from mtlsctl.nginx import served_certificate, server_files
@@ -362,12 +370,13 @@ def sign_csr(
       mtlsctl sign-csr sensor-9.csr --name sensor-9 --dry-run
       mtlsctl sign-csr sensor-9.csr --name sensor-9
     """
-    from mtlsctl import csr
+    from mtlsctl import client, csr
 
     settings = load_settings(ctx)
     if dry_run:
         review, commands, config = csr.plan_sign_csr(settings, csr_file, name, days)
         notes = [f"{csr_file}: CN={name}, {review.key.describe()}, SANs: {', '.join(review.sans) or 'none'}"]
+        notes += client.retire_notes(settings.pki, name)  # a revoked name's old files move to archive/ first
         if review.not_copied:
             notes.append(f"not copied from the request: {', '.join(review.not_copied)}")
         notes.append("private/.sign-XXXXXX/request.csr = the reviewed request; sign.cnf =")
@@ -424,13 +433,13 @@ def list_(
         print("no certificates" + (" match" if status or expiring_within else " yet: mtlsctl add-client NAME"))
     else:
         width = max(4, *(len(e.name) for e in entries))
-        print(f"{'NAME':<{width}}  {'SERIAL':<6}  {'STATUS':<7}  {'NOT AFTER (UTC)':<16}  {'DAYS':>5}  DETAIL")
+        print(f"{'NAME':<{width}}  {'SERIAL':<6}  {'STATUS':<8}  {'NOT AFTER (UTC)':<16}  {'DAYS':>5}  DETAIL")
         for e in entries:
             if e.status == "revoked":
                 detail = f"revoked {e.revoked_at:%Y-%m-%d} ({e.reason})"
             else:
                 detail = " ".join(Path(f).suffix.lstrip(".") for f in e.files) or "-"
-            print(f"{e.name:<{width}}  {e.serial:<6}  {e.status:<7}  {e.not_after:%Y-%m-%d %H:%M}  {e.days_left:>5}  {detail}")
+            print(f"{e.name:<{width}}  {e.serial:<6}  {e.status:<8}  {e.not_after:%Y-%m-%d %H:%M}  {e.days_left:>5}  {detail}")
     run = runner()
     ca_end = lifecycle.ca_not_after(settings.pki, run)
     from datetime import datetime, timezone
@@ -489,7 +498,7 @@ def renew(
     as_json: Annotated[bool, typer.Option("--json", help="Print renewed, failed, crl and reloaded as JSON.")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="List what would be renewed and change nothing.")] = False,
 ) -> None:
-    """Renew expiring client certificates (the guide's mtls-renew.sh, safely) and keep the CRL fresh.
+    """Renew expiring certificates (clients, servers, the OCSP signer, each as what it is; the guide's mtls-renew.sh, safely) and keep the CRL fresh.
 
     \b
     For each valid certificate expiring within the window: archive certs/NAME.crt as
@@ -515,8 +524,12 @@ def renew(
 
         now = datetime.now(timezone.utc)
         plan = lifecycle.renew_plan(settings, report, days or settings.profile.renew.days, now)
-        io.print_plan(settings.pki.root, [cmd for _, commands in plan for cmd in commands],
-                      [f"{len(report.due)} certificate(s) due"] + [what for what, _ in plan], as_json=as_json)
+        notes = [f"{len(report.due)} certificate(s) due; each old certificate is first copied to certs/NAME.crt.old.DATE, "
+                 "a server's certs/NAME.fullchain.pem is rewritten, a client's new password goes to "
+                 "private/NAME.p12.password (0600)"] + [what for what, _ in plan]
+        if report.crl_regenerated and not no_reload:
+            notes.append(io.RELOAD_NOTE)
+        io.print_plan(settings.pki.root, [cmd for _, commands in plan for cmd in commands], notes, as_json=as_json)
         return
     after = after_crl_change(settings, "renew", changed=report.changed, reload=not no_reload)
     io.tell(after)

@@ -84,7 +84,13 @@ def crl_line(crl: CrlInfo) -> str:
     from mtlsctl.lifecycle import days_left
 
     left = days_left(crl.next_update, datetime.now(timezone.utc))
-    return f"next update {crl.next_update:%Y-%m-%d %H:%M} UTC ({left} days), CRL number {crl.crl_number}, {crl.revoked} revoked"
+    when = (f"EXPIRED {crl.next_update:%Y-%m-%d %H:%M} UTC: nginx rejects EVERY client; run `mtlsctl crl`" if left <= 0
+            else f"next update {crl.next_update:%Y-%m-%d %H:%M} UTC ({left} days)")
+    return f"{when}, CRL number {crl.crl_number}, {crl.revoked} revoked"
+
+
+RELOAD_NOTE = ("then publish.command (when set), the profile's nginx test and reload commands (nginx reads the CRL "
+               "only at reload)")
 
 
 def tell(after: AfterChange) -> None:
@@ -106,6 +112,30 @@ def finish(after: AfterChange, as_json: bool) -> None:
 # ------------------------------------------------------------------ in
 
 
+SECRET_READ_LIMIT = 4096  # a password or passphrase is at most 1023 characters; /dev/zero is not one
+
+
+def read_bounded(source: Any, what: str, limit: int = SECRET_READ_LIMIT) -> str:
+    """Text from a path, a descriptor or a text stream, at most `limit` bytes: a device or an endless pipe given
+    by mistake (`--password-file /dev/zero`) is refused in one line instead of filling memory."""
+    if isinstance(source, Path):
+        with open(source, "rb") as fh:
+            raw = fh.read(limit + 1)
+    elif isinstance(source, int):
+        with os.fdopen(os.dup(source), "rb") as fh:
+            raw = fh.read(limit + 1)
+    else:
+        raw = source.read(limit + 1)
+        raw = raw.encode("utf-8") if isinstance(raw, str) else raw
+    if len(raw) > limit:
+        raise InputError(f"{what} is longer than {limit} bytes: that is not a password or a list of names",
+                         hint="give a small text file (a device such as /dev/zero never ends)")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InputError(f"{what} is not UTF-8 text (byte {exc.start})") from None
+
+
 def read_password(password_stdin: bool, password_file: Path | None) -> str | None:
     """The export password from stdin or a file; None means "generate one"."""
     from mtlsctl import validate
@@ -116,11 +146,11 @@ def read_password(password_stdin: bool, password_file: Path | None) -> str | Non
         if sys.stdin is None or sys.stdin.isatty():
             raise InputError("--password-stdin needs the password piped on standard input",
                              hint="e.g. printf '%s\\n' \"$PASS\" | mtlsctl ...")
-        return validate.password(validate.strip_one_newline(sys.stdin.read()), source="stdin")
+        return validate.password(validate.strip_one_newline(read_bounded(sys.stdin, "standard input")), source="stdin")
     if password_file is not None:
         try:
-            text = password_file.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
+            text = read_bounded(password_file, f"--password-file {password_file}")
+        except OSError as exc:
             raise InputError(f"cannot read --password-file {password_file}: {exc.strerror if isinstance(exc, OSError) else exc}") from None
         return validate.password(validate.strip_one_newline(text), source=str(password_file))
     return None
@@ -136,14 +166,13 @@ def read_passphrase(file: Path | None, fd: int | None, *, prompt: bool, confirm:
         raise InputError(f"give only one of {option}")
     if file is not None:
         try:
-            text = file.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            raise InputError(f"cannot read --passphrase-file {file}: {exc}") from None
+            text = read_bounded(file, f"--passphrase-file {file}")
+        except OSError as exc:
+            raise InputError(f"cannot read --passphrase-file {file}: {exc.strerror}") from None
         return validate.password(validate.strip_one_newline(text), source=str(file))
     if fd is not None:
         try:
-            with os.fdopen(os.dup(fd), "r", encoding="utf-8") as fh:
-                text = fh.read()
+            text = read_bounded(fd, f"--passphrase-fd {fd}")
         except OSError as exc:
             raise InputError(f"cannot read --passphrase-fd {fd}: {exc.strerror}", hint="open it in the shell, e.g. 3<pass.txt") from None
         return validate.password(validate.strip_one_newline(text), source=f"descriptor {fd}")

@@ -148,10 +148,13 @@ def nginx_reload(
     Example:
       mtlsctl nginx reload
     """
+    from mtlsctl.after_change import clear_pending_reload
     from mtlsctl.nginx import reload
 
     settings = load_settings(ctx)
     outcome = reload(settings.profile.nginx)
+    if outcome.reloaded:
+        clear_pending_reload(settings)  # nginx now reads the current CRL
     if as_json:
         io.print_json({"reloaded": outcome.reloaded, "detail": outcome.detail})
     else:

@@ -49,6 +49,8 @@ def revoke(
     settings = load_settings(ctx)
     if dry_run:
         commands, notes = lifecycle.plan_revoke(settings, name=name, serial_hex=serial_hex, why=why)
+        if commands and not no_reload:
+            notes = [*notes, io.RELOAD_NOTE]
         io.print_plan(settings.pki.root, commands, notes, as_json=as_json)
         return
     result = lifecycle.revoke(settings, name=name, serial_hex=serial_hex, why=why, runner=runner(ctx, settings, signs=True))
@@ -106,6 +108,8 @@ def crl(
             commands, notes = crl_mod.plan_root_crl(settings.pki, settings.profile, root_key_path, now)
         else:
             commands, notes = crl_mod.plan_crl(settings.pki, settings.profile, if_due=if_due, now=now)
+        if commands and not no_reload:
+            notes = [*notes, io.RELOAD_NOTE]
         io.print_plan(settings.pki.root, commands, notes, as_json=as_json)
         return
     if root or root_key is not None:
