@@ -498,7 +498,7 @@ def renew(
     as_json: Annotated[bool, typer.Option("--json", help="Print renewed, failed, crl and reloaded as JSON.")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="List what would be renewed and change nothing.")] = False,
 ) -> None:
-    """Renew expiring certificates (clients, servers, the OCSP signer, each as what it is; the guide's mtls-renew.sh, safely) and keep the CRL fresh.
+    """Renew expiring certificates, each as what it is (client, server, OCSP signer), and keep the CRL fresh.
 
     \b
     For each valid certificate expiring within the window: archive certs/NAME.crt as
