@@ -141,7 +141,9 @@ class CaProfile(_Strict):
     subject: Subject = Field(default=GUIDE_SUBJECT, description="the CA's DN; the guide's by default; taken whole when given")
     key: KeySpec = Field(default=KeySpec(type="rsa", bits=4096), description="RSA 4096 by default (EC: P-384)")
     days: int = Field(default=3650, ge=1, le=36500, description="validity of the CA certificate")
-    intermediate: IntermediateProfile | None = Field(default=None, description="off unless set: a root and an issuing CA (docs/intermediate.md)")
+    intermediate: IntermediateProfile | None = Field(
+        default=None,
+        description="off unless set: a root and an issuing CA (docs/intermediate.md)")
 
     @model_validator(mode="after")
     def _intermediate_inside_root(self) -> CaProfile:
@@ -341,14 +343,22 @@ class NginxProfile(_Strict):
     upstream: str = Field(default="http://127.0.0.1:8080", description="proxy_pass target")
     allow: list[str] = Field(default_factory=list, description='exact DNs ("CN=iphone-jmrp", case-sensitive) or "~REGEX" '
                              '(anchored as a whole, ^(?:REGEX)$); empty: any valid certificate')
-    rate_limit: RateLimit | None = Field(default=None, description="limit clients that are not verified (and allowlisted); verified ones bypass it")
-    access_log: str = Field(default="/var/log/nginx/secure.access.log", description="access log, with the client DN, serial and verify result")
-    error_log: str = Field(default="/var/log/nginx/secure.error.log", description="error log at level info (verify failures are logged only at info)")
+    rate_limit: RateLimit | None = Field(
+        default=None,
+        description="limit clients that are not verified (and allowlisted); verified ones bypass it")
+    access_log: str = Field(
+        default="/var/log/nginx/secure.access.log",
+        description="access log, with the client DN, serial and verify result")
+    error_log: str = Field(
+        default="/var/log/nginx/secure.error.log",
+        description="error log at level info (verify failures are logged only at info)")
     test_command: str | None = Field(default="nginx -t", description="run before every reload; null or empty: skip")
     reload_command: str | None = Field(
         default="systemctl reload nginx", description="run after a CRL change when the test passes; null or empty: never reload")
     pid_file: str = Field(default="/run/nginx.pid", description="nginx master's pid file, to confirm a reload started new workers")
-    site_file: str | None = Field(default=None, description="where you put the rendered site (nginx render --out); doctor checks it is current")
+    site_file: str | None = Field(
+        default=None,
+        description="where you put the rendered site (nginx render --out); doctor checks it is current")
 
     @field_validator("test_command", "reload_command")
     @classmethod
@@ -429,7 +439,8 @@ class NginxProfile(_Strict):
 class OcspProfile(_Strict):
     """An OCSP responder for client certificates (`mtlsctl ocsp serve`) and nginx's ssl_ocsp."""
 
-    url: str = Field(description="responder URL put in client certificates and nginx: http://IP:PORT (an IP literal: nginx then needs no resolver)")
+    url: str = Field(
+        description="responder URL put in client certificates and nginx: http://IP:PORT (an IP literal: nginx then needs no resolver)")
     port: int = Field(ge=1, le=65535, description="port `ocsp serve` listens on (all interfaces: openssl's -port takes no address)")
     nmin: int = Field(default=5, ge=1, le=1440, description="minutes until an answer's nextUpdate: how long nginx may cache a 'good'")
     signer_days: int = Field(default=90, ge=2, le=3650, description="validity of the OCSP signing certificate (renewed by `renew`)")
