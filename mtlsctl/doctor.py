@@ -203,29 +203,11 @@ def check_database(settings: Settings, now: datetime | None = None) -> list[Find
     return out
 
 
-def _cnf_dirs(text: str) -> list[tuple[str, str]]:
-    """(section, value) of every `dir = value` in openssl.cnf (quotes and comments removed)."""
-    found, section = [], "default"
-    for raw in text.splitlines():
-        line = raw.split("#", 1)[0].strip()
-        head = re.fullmatch(r"\[\s*([^\]\s]+)\s*\]", line)
-        if head:
-            section = head.group(1)
-            continue
-        m = re.fullmatch(r"dir\s*=\s*(.*)", line)
-        if m:
-            value = m.group(1).strip()
-            if len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'":
-                value = value[1:-1]
-            found.append((section, value))
-    return found
-
-
 def check_config(settings: Settings) -> list[Finding]:
     pki = settings.pki
     out = []
     cnf = pki.path(pki.openssl_cnf).read_text(errors="replace")
-    dirs = _cnf_dirs(cnf)
+    dirs = pki.config_dirs()
     if not dirs:
         out.append(Finding("config", "error", f"openssl.cnf's dir is (missing), not {pki.root}",
                            f"set `dir = {pki.root}` in [ CA_default ] of openssl.cnf"))

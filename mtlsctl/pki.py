@@ -110,12 +110,8 @@ class Pki:
             return False
         return "ENCRYPTED" in head
 
-    def foreign_dirs(self) -> list[tuple[str, str]]:
-        """(section, value) of every `dir =` in openssl.cnf that does not lead to this PKI directory.
-
-        openssl works on the files `dir` names, not on --pki-dir: a copied or moved PKI whose openssl.cnf still
-        names the old directory would sign into, revoke in and take the keys of that other PKI.
-        """
+    def config_dirs(self) -> list[tuple[str, str]]:
+        """(section, value) of every `dir =` in openssl.cnf (quotes and comments removed); [] without one."""
         import re
 
         try:
@@ -134,9 +130,20 @@ class Pki:
                 value = m.group(1).strip()
                 if len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'":
                     value = value[1:-1]
-                here = value if os.path.isabs(value) else os.path.join(self.root, value)  # openssl runs in the PKI
-                if not value or "$" in value or os.path.realpath(here) != os.path.realpath(self.root):
-                    found.append((section, value))
+                found.append((section, value))
+        return found
+
+    def foreign_dirs(self) -> list[tuple[str, str]]:
+        """(section, value) of every `dir =` in openssl.cnf that does not lead to this PKI directory.
+
+        openssl works on the files `dir` names, not on --pki-dir: a copied or moved PKI whose openssl.cnf still
+        names the old directory would sign into, revoke in and take the keys of that other PKI.
+        """
+        found = []
+        for section, value in self.config_dirs():
+            here = value if os.path.isabs(value) else os.path.join(self.root, value)  # openssl runs in the PKI
+            if not value or "$" in value or os.path.realpath(here) != os.path.realpath(self.root):
+                found.append((section, value))
         return found
 
     def require_own_config(self) -> None:

@@ -465,3 +465,20 @@ def crl_text(pki: Path) -> str:
 def verify_crl(pki: Path, crt: str) -> str:
     res = openssl("verify", "-crl_check", "-CAfile", "ca/ca.crt", "-CRLfile", "crl/ca.crl", crt, cwd=pki, check=False)
     return (res.stdout + res.stderr).strip()
+
+
+@pytest.fixture
+def spy(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, ...]]:
+    """Every argv the one runner runs, in order (Runner.run wrapped): what a command really executed."""
+    from mtlsctl.runner import Runner
+
+    calls: list[tuple[str, ...]] = []
+    real = Runner.run
+
+    def run(self, cmd, cwd=None, check=True):  # type: ignore[no-untyped-def]
+        calls.append(tuple(cmd.argv))
+        return real(self, cmd, cwd=cwd, check=check)
+
+    monkeypatch.setattr(Runner, "run", run)
+    return calls
+

@@ -12,24 +12,9 @@ from datetime import datetime, timezone
 
 import pytest
 
-from mtlsctl.runner import Runner
-
 from .conftest import set_profile
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-def spy(monkeypatch):
-    calls: list[tuple[str, ...]] = []
-    real = Runner.run
-
-    def run(self, cmd, cwd=None, check=True):
-        calls.append(cmd.argv)
-        return real(self, cmd, cwd=cwd, check=check)
-
-    monkeypatch.setattr(Runner, "run", run)
-    return calls
 
 
 def _shape(argv: tuple[str, ...]) -> str:

@@ -13,24 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from mtlsctl.runner import Runner
-
 from .conftest import is_two_tier, openssl, run_cli, set_profile
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-def spy(monkeypatch):
-    calls: list[tuple[str, ...]] = []
-    real = Runner.run
-
-    def run(self, cmd, cwd=None, check=True):
-        calls.append(tuple(cmd.argv))
-        return real(self, cmd, cwd=cwd, check=check)
-
-    monkeypatch.setattr(Runner, "run", run)
-    return calls
 
 
 def norm(argv) -> tuple[str, ...]:
