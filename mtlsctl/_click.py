@@ -2,9 +2,9 @@
 
 typer >= 0.26 carries its own copy of click (`typer._click`) and no longer uses the `click` package:
 its usage errors are not `click.UsageError`, its contexts are not on click's stack, its groups and
-options are not `click.Group`/`click.Option`. Older typer builds on `click`. Everything in mtlsctl that
-names a click class or function takes it from here, so both ends of the supported range behave the same
-(tests/test_click_compat.py, run by .ci/run on the newest releases and on tests/constraints-oldest.txt).
+options are not `click.Group`/`click.Option`. Older typer builds on `click`. Code that names a click class
+or function can take it from here, so both ends of a typer range behave the same (the tests of the CLI's
+habits do; the CLI itself moves to it when the typer/click caps go, issue 14).
 """
 
 from __future__ import annotations
