@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -152,16 +153,9 @@ def cli(pki: Path, *args: str, stdin: str | None = None):
     return run_cli(["--pki-dir", str(pki), *args], stdin=stdin)
 
 
-def other_csr(tmp_path: Path, cn: str) -> Path:
-    """A request for the same CN, with a key of its own (what the fake signs instead)."""
-    key, csr = tmp_path / f"other-{cn}.key", tmp_path / f"other-{cn}.csr"
-    openssl("genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256", "-out", str(key))
-    openssl("req", "-new", "-key", str(key), "-out", str(csr), "-subj", f"/CN={cn}")
-    return csr
-
-
-def device_csr(tmp_path: Path, cn: str) -> Path:
-    key, csr = tmp_path / f"{cn}.key", tmp_path / f"{cn}.csr"
+def device_csr(tmp_path: Path, cn: str, stem: str | None = None) -> Path:
+    """A request for CN=cn with a P-256 key of its own, made by the real openssl outside the PKI."""
+    key, csr = tmp_path / f"{stem or cn}.key", tmp_path / f"{stem or cn}.csr"
     openssl("genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256", "-out", str(key))
     openssl("req", "-new", "-key", str(key), "-out", str(csr), "-subj", f"/CN={cn}")
     return csr
@@ -203,7 +197,8 @@ def _prepare(command: str, pki: Path, tmp_path: Path) -> tuple[list[str], str]:
 @pytest.mark.parametrize("mode", sorted(SIGN_MODES))
 def test_a_signature_that_is_not_what_was_asked_for_is_withdrawn(fast_pki, tmp_path, monkeypatch, fake, mode, command):
     args, cn = _prepare(command, fast_pki, tmp_path)
-    monkeypatch.setenv("MTLS_FAKE_OTHER_CSR", str(other_csr(tmp_path, cn)))
+    # what the fake signs instead: a request for the same CN, with another key
+    monkeypatch.setenv("MTLS_FAKE_OTHER_CSR", str(device_csr(tmp_path, cn, stem=f"other-{cn}")))
     before = tree(fast_pki)
     log = fake(mode)
     res = cli(fast_pki, *args)
@@ -355,3 +350,33 @@ def test_a_hostile_openssl_conf_in_the_environment_changes_nothing(fast_pki, tmp
     _lifecycle(fast_pki, tmp_path, csr)
     assert openssl("verify", "-CAfile", "ca/ca.crt", "certs/phone.crt", cwd=fast_pki).stdout.strip().endswith("OK")
     assert ca_status(fast_pki, json.loads(cli(fast_pki, "list", "--json", "--status", "revoked").out)[0]["serial"]) == "Revoked"
+
+
+def test_no_secret_reaches_openssls_argv(tmp_path, monkeypatch, fake):
+    """Every argv openssl was started with (recorded by the fake, no strace needed): no export password, no
+    generated one, no CA passphrase; those travel on stdin and pipes (`-passout stdin`, `-passin fd:N`)."""
+    secrets = {"ca": "Ca-Passphrase-7f3e9", "p12": "Export-Password-4b1d", "file": "File-Password-93ac2"}
+    for key, value in secrets.items():
+        (tmp_path / f"{key}.txt").write_text(value + "\n")
+    prof = tmp_path / "p.yaml"
+    prof.write_text("ca: {subject: {CN: Secret CA}, key: {type: ec, curve: P-256, encrypt: true}, days: 800}\n"
+                    "clients: {key: {type: ec, curve: P-256}}\nnginx: {test_command: '', reload_command: ''}\n")
+    pki, ca = tmp_path / "pki", ["--ca-passphrase-file", str(tmp_path / "ca.txt")]
+    log = fake("none")
+    outputs = []
+    for args, stdin in ((["--profile", str(prof), *ca, "init"], None),
+                        ([*ca, "add-client", "phone", "--password-stdin"], secrets["p12"] + "\n"),
+                        ([*ca, "add-client", "laptop", "--json"], None),
+                        (["export", "phone", "--force", "--password-file", str(tmp_path / "file.txt")], None),
+                        ([*ca, "add-client", "soon", "--days", "3"], None), ([*ca, "renew", "--no-reload"], None),
+                        ([*ca, "revoke", "laptop", "--no-reload"], None), ([*ca, "crl", "--no-reload"], None)):
+        res = cli(pki, *args, stdin=stdin)
+        assert res.code == 0, (args, res.err)
+        outputs.append(res.out)
+    generated = json.loads(outputs[2])["password"]
+    renewed = (pki / "private/soon.p12.password").read_text().strip()
+    argvs = [" ".join(e["args"]) for e in entries(log)]
+    assert sum(a.startswith("ca ") for a in argvs) >= 6 and any(a.startswith("pkcs12 -export") for a in argvs)
+    for value in (*secrets.values(), generated, renewed):
+        assert not [a for a in argvs if value in a], f"a secret reached openssl's argv: {value}"
+    assert any(re.search(r"-passin fd:\d+", a) for a in argvs)  # the CA passphrase went down a pipe
