@@ -396,6 +396,16 @@ def allow_same_subject(pki: Pki, tx: Transaction) -> None:
         atomic_write(attr, "unique_subject = no\n", MODE_PUBLIC)
 
 
+def issue_notes(pki: Pki, req: IssueRequest) -> list[str]:
+    """What --dry-run of add-client/add-server says besides the commands: the archive moves, and for a server
+    the chain file nginx render serves (a client gets none)."""
+    notes = retire_notes(pki, req.name)
+    if req.kind == "server":
+        notes.append(f"then {ClientFiles(req.name).fullchain} is written (the certificate"
+                     + (" and the issuing CA" if pki.has_chain() else "") + "): what nginx render serves")
+    return notes
+
+
 def retire_notes(pki: Pki, name: str, *, replacing: bool = False) -> list[str]:
     """What --dry-run says about the archive: one `move A -> B` line per file."""
     plan = refuse_conflicts(pki, name, replacing=replacing)

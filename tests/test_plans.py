@@ -126,3 +126,11 @@ def test_crl_root_plan_is_the_roots_command(tiered_pki, spy):
         return
     _, planned, ran = plan_then_run(pki, spy, "crl", "--root", "--no-reload")
     assert planned == ran and "root_ca" in planned[0]
+
+
+def test_only_a_servers_plan_mentions_the_chain_file(fast_pki):
+    client = json.loads(run_cli(["--pki-dir", str(fast_pki), "add-client", "phone", "--dry-run", "--json"]).out)
+    server = json.loads(run_cli(["--pki-dir", str(fast_pki), "add-server", "web.example.test", "--san",
+                                 "DNS:web.example.test", "--dry-run", "--json"]).out)
+    assert not any("fullchain" in n for n in client["notes"])
+    assert any("certs/web.example.test.fullchain.pem" in n for n in server["notes"])

@@ -95,10 +95,7 @@ def add_client(
     password = None if dry_run else io.read_password(password_stdin, password_file)
     req = client.build_request(settings, name, days=days, key_type=key_type, p12=p12, sans=san or [], password=password)
     if dry_run:
-        io.print_plan(settings.pki.root, client.plan_issue(settings, req),
-                      [*client.retire_notes(settings.pki, name),
-                       f"then certs/{name}.fullchain.pem is written (the certificate"
-                       + (" and the issuing CA" if settings.pki.has_chain() else "") + "): what nginx render serves"],
+        io.print_plan(settings.pki.root, client.plan_issue(settings, req), client.issue_notes(settings.pki, req),
                       as_json=as_json)
         return
     result = client.issue_client(settings, req, runner(ctx, settings, signs=True))
@@ -151,10 +148,7 @@ def add_server(
     settings = load_settings(ctx)
     req = client.server_request(settings, name, sans=san or [], days=days, key_type=key_type)
     if dry_run:
-        io.print_plan(settings.pki.root, client.plan_issue(settings, req),
-                      [*client.retire_notes(settings.pki, name),
-                       f"then certs/{name}.fullchain.pem is written (the certificate"
-                       + (" and the issuing CA" if settings.pki.has_chain() else "") + "): what nginx render serves"],
+        io.print_plan(settings.pki.root, client.plan_issue(settings, req), client.issue_notes(settings.pki, req),
                       as_json=as_json)
         return
     result = client.issue_client(settings, req, runner(ctx, settings, signs=True))
