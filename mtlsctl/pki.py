@@ -196,7 +196,7 @@ def resolve_settings(
     Profile: --profile > MTLSCTL_PROFILE > <pki-dir>/mtls.yaml > built-in defaults (the guide's values).
     (Typer already folds the environment variables into the options; `environ` is for library callers.)
     """
-    from mtlsctl.profile import DEFAULT_PKI_DIR, Profile, load_profile
+    from mtlsctl.profile import DEFAULT_PKI_DIR, default_profile, load_profile
 
     env = os.environ if environ is None else environ
     if pki_dir is None and env.get("PKI_DIR"):
@@ -221,5 +221,5 @@ def resolve_settings(
             profile = load_profile(candidate)
             source = str(candidate)
         else:
-            profile = Profile()
+            profile = default_profile()
     return Settings(Pki(root), profile, source)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -17,6 +17,7 @@ from mtlsctl import validate
 from mtlsctl.errors import InputError, ProfileError
 
 DEFAULT_PKI_DIR = "/etc/nginx/pki"
+_M = TypeVar("_M", bound=BaseModel)
 
 
 
@@ -40,7 +41,9 @@ def show_char(c: str) -> str:
 
 class _Strict(BaseModel):
     # strict: "365" (a string) or `true` are not days; extra: a typo is an error, not a silent default.
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+    # defer_build: pydantic builds a model's validator on its first validation, not at import. A run whose
+    # profile comes from the cache (load_profile) or is the built-in default never builds one (start-up).
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, defer_build=True)
 
 
 class KeySpec(_Strict):
@@ -61,9 +64,10 @@ class KeySpec(_Strict):
 
     def resolved(self, default_bits: int, default_curve: str) -> KeySpec:
         """This spec with the context's default size filled in."""
+        # Built without validation: every value comes from this validated spec or the caller's default size.
         if self.type == "rsa":
-            return KeySpec(type="rsa", bits=self.bits or default_bits, encrypt=self.encrypt)
-        return KeySpec(type="ec", curve=self.curve or default_curve, encrypt=self.encrypt)  # type: ignore[arg-type]
+            return KeySpec.model_construct(type="rsa", bits=self.bits or default_bits, curve=None, encrypt=self.encrypt)
+        return KeySpec.model_construct(type="ec", bits=None, curve=self.curve or default_curve, encrypt=self.encrypt)
 
     def describe(self) -> str:
         return f"RSA {self.bits}-bit" if self.type == "rsa" else f"EC {self.curve}"
@@ -108,7 +112,9 @@ class Subject(_Strict):
         return [(k, v) for k in ("C", "ST", "L", "O", "OU", "CN") if (v := getattr(self, k)) is not None]
 
 
-GUIDE_SUBJECT = Subject(
+# The built-in defaults are built without validation (model_construct: importing this module validates
+# nothing); tests/test_profile_cache.py validates every one of them.
+GUIDE_SUBJECT = Subject.model_construct(
     C="ES", ST="Valencia", L="Valencia", O="JMRP-IO-LAB", OU="Infrastructure Security", CN="JMRP-IO-LAB Root CA"
 )
 
@@ -123,7 +129,7 @@ class IntermediateProfile(_Strict):
     """An issuing CA under the root: clients are signed by it; the root key can then go offline."""
 
     subject: Subject = Field(description="the intermediate's DN (CN required)")
-    key: KeySpec = KeySpec(type="rsa", bits=4096)
+    key: KeySpec = KeySpec.model_construct(type="rsa", bits=4096)
     days: int = Field(default=1825, ge=1, le=36500, description="validity of the intermediate certificate")
     root_crl_days: int = Field(default=365, ge=1, le=3650, description="nextUpdate of the root's CRL (refreshed with the root key)")
 
@@ -139,11 +145,10 @@ class IntermediateProfile(_Strict):
 
 class CaProfile(_Strict):
     subject: Subject = Field(default=GUIDE_SUBJECT, description="the CA's DN; the guide's by default; taken whole when given")
-    key: KeySpec = Field(default=KeySpec(type="rsa", bits=4096), description="RSA 4096 by default (EC: P-384)")
+    key: KeySpec = Field(default=KeySpec.model_construct(type="rsa", bits=4096), description="RSA 4096 by default (EC: P-384)")
     days: int = Field(default=3650, ge=1, le=36500, description="validity of the CA certificate")
     intermediate: IntermediateProfile | None = Field(
-        default=None,
-        description="off unless set: a root and an issuing CA (docs/intermediate.md)")
+        default=None, description="off unless set: a root and an issuing CA (docs/intermediate.md)")
 
     @model_validator(mode="after")
     def _intermediate_inside_root(self) -> CaProfile:
@@ -167,7 +172,8 @@ class CaProfile(_Strict):
 
 
 class ClientsProfile(_Strict):
-    key: KeySpec = Field(default=KeySpec(type="rsa", bits=2048), description="RSA 2048 by default (EC: P-256); --key-type overrides")
+    key: KeySpec = Field(default=KeySpec.model_construct(type="rsa", bits=2048),
+                         description="RSA 2048 by default (EC: P-256); --key-type overrides")
 
     @field_validator("key")
     @classmethod
@@ -344,21 +350,17 @@ class NginxProfile(_Strict):
     allow: list[str] = Field(default_factory=list, description='exact DNs ("CN=iphone-jmrp", case-sensitive) or "~REGEX" '
                              '(anchored as a whole, ^(?:REGEX)$); empty: any valid certificate')
     rate_limit: RateLimit | None = Field(
-        default=None,
-        description="limit clients that are not verified (and allowlisted); verified ones bypass it")
+        default=None, description="limit clients that are not verified (and allowlisted); verified ones bypass it")
     access_log: str = Field(
-        default="/var/log/nginx/secure.access.log",
-        description="access log, with the client DN, serial and verify result")
+        default="/var/log/nginx/secure.access.log", description="access log, with the client DN, serial and verify result")
     error_log: str = Field(
-        default="/var/log/nginx/secure.error.log",
-        description="error log at level info (verify failures are logged only at info)")
+        default="/var/log/nginx/secure.error.log", description="error log at level info (verify failures are logged only at info)")
     test_command: str | None = Field(default="nginx -t", description="run before every reload; null or empty: skip")
     reload_command: str | None = Field(
         default="systemctl reload nginx", description="run after a CRL change when the test passes; null or empty: never reload")
     pid_file: str = Field(default="/run/nginx.pid", description="nginx master's pid file, to confirm a reload started new workers")
     site_file: str | None = Field(
-        default=None,
-        description="where you put the rendered site (nginx render --out); doctor checks it is current")
+        default=None, description="where you put the rendered site (nginx render --out); doctor checks it is current")
 
     @field_validator("test_command", "reload_command")
     @classmethod
@@ -439,8 +441,8 @@ class NginxProfile(_Strict):
 class OcspProfile(_Strict):
     """An OCSP responder for client certificates (`mtlsctl ocsp serve`) and nginx's ssl_ocsp."""
 
-    url: str = Field(
-        description="responder URL put in client certificates and nginx: http://IP:PORT (an IP literal: nginx then needs no resolver)")
+    url: str = Field(description="responder URL put in client certificates and nginx: http://IP:PORT "
+                                 "(an IP literal: nginx then needs no resolver)")
     port: int = Field(ge=1, le=65535, description="port `ocsp serve` listens on (all interfaces: openssl's -port takes no address)")
     nmin: int = Field(default=5, ge=1, le=1440, description="minutes until an answer's nextUpdate: how long nginx may cache a 'good'")
     signer_days: int = Field(default=90, ge=2, le=3650, description="validity of the OCSP signing certificate (renewed by `renew`)")
@@ -480,11 +482,11 @@ class PublishProfile(_Strict):
 
 class Profile(_Strict):
     pki_dir: str | None = Field(default=None, description="where the PKI lives; default /etc/nginx/pki")
-    ca: CaProfile = Field(default=CaProfile(), description="the Certificate Authority")
-    clients: ClientsProfile = Field(default=ClientsProfile(), description="defaults for add-client")
-    crl: CrlProfile = Field(default=CrlProfile(), description="the certificate revocation list")
-    renew: RenewProfile = Field(default=RenewProfile(), description="mtlsctl renew (the guide's mtls-renew.sh)")
-    nginx: NginxProfile = Field(default=NginxProfile(), description="the mTLS site and how nginx is tested and reloaded")
+    ca: CaProfile = Field(default=CaProfile.model_construct(), description="the Certificate Authority")
+    clients: ClientsProfile = Field(default=ClientsProfile.model_construct(), description="defaults for add-client")
+    crl: CrlProfile = Field(default=CrlProfile.model_construct(), description="the certificate revocation list")
+    renew: RenewProfile = Field(default=RenewProfile.model_construct(), description="mtlsctl renew (the guide's mtls-renew.sh)")
+    nginx: NginxProfile = Field(default=NginxProfile.model_construct(), description="the mTLS site and how nginx is tested and reloaded")
     ocsp: OcspProfile | None = Field(default=None, description="off unless set: see docs/ocsp.md")
     publish: PublishProfile | None = Field(default=None, description="off unless set: see docs/fleet.md")
 
@@ -576,8 +578,8 @@ PROFILE_MAX_BYTES = 256 * 1024
 PROFILE_MAX_NODES = 10_000
 
 
-def _read_profile_text(path: Path) -> str:
-    """The profile's text: a regular file (a FIFO would hang, a device never ends), at most 256 KiB."""
+def _read_profile_bytes(path: Path) -> bytes:
+    """The profile's bytes: a regular file (a FIFO would hang, a device never ends), at most 256 KiB."""
     import stat
 
     try:
@@ -597,10 +599,19 @@ def _read_profile_text(path: Path) -> str:
         os.close(fd)
     if len(raw) > PROFILE_MAX_BYTES:
         raise InputError(f"profile {path} is larger than {PROFILE_MAX_BYTES // 1024} KiB; that is not a site profile")
+    return raw
+
+
+def _decode(raw: bytes, path: Path) -> str:
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise InputError(f"profile {path} is not UTF-8 text (byte {exc.start})") from None
+
+
+def _read_profile_text(path: Path) -> str:
+    """The profile's text (see _read_profile_bytes), UTF-8."""
+    return _decode(_read_profile_bytes(path), path)
 
 
 def _safe_yaml(text: str, source: str) -> Any:
@@ -649,10 +660,30 @@ def _safe_yaml(text: str, source: str) -> Any:
 
 
 def load_profile(path: Path) -> Profile:
-    """Read and validate a YAML profile file (a regular file of at most 256 KiB, no duplicate keys)."""
-    import yaml  # imported here: only commands that read a profile pay for it
+    """Read and validate a YAML profile file (a regular file of at most 256 KiB, no duplicate keys).
 
-    text = _read_profile_text(path)
+    The file is read and hashed on every call. When the same bytes were validated before by this very code
+    (mtlsctl.cache: a private per-user entry keyed by the content and the validating code), the validated
+    result is rebuilt from that entry without parsing or validating again; otherwise it is validated and
+    stored. The result is the same either way (tests/test_profile_cache.py).
+    """
+    raw = _read_profile_bytes(path)
+    key = _cache_key(raw)
+    if key is not None:
+        cached = _from_cache(key)
+        if cached is not None:
+            return cached
+    profile = _load_profile_text(_decode(raw, path), path)
+    if key is not None:
+        from mtlsctl import cache
+
+        cache.put(CACHE_KIND, key, profile.model_dump(mode="json"))
+    return profile
+
+
+def _load_profile_text(text: str, path: Path) -> Profile:
+    import yaml  # imported here: only commands that validate a profile pay for it
+
     try:
         data = _safe_yaml(text, str(path))
     except yaml.YAMLError as exc:
@@ -668,3 +699,87 @@ def dump_profile(profile: Profile, pki_dir: Path) -> str:
 
     header = "# mtlsctl site profile (generated by mtlsctl init; see docs/profile.md)\n"
     return header + yaml.safe_dump(profile.to_yaml_dict(pki_dir), sort_keys=False, default_flow_style=False)
+
+
+# ------------------------------------------------------------------ the validated profile, cached by content
+
+CACHE_KIND = "profile"
+
+
+def default_profile() -> Profile:
+    """The built-in defaults (the guide's values), as Profile() gives them, without building a validator."""
+    return Profile.model_construct()
+
+
+def _code_key() -> bytes:
+    """Everything besides the file's bytes that decides the validated profile: the source of this module and of
+    validate.py, PyYAML's (it parses), and the versions of mtlsctl, pydantic and pydantic-core."""
+    import importlib.util
+
+    import pydantic
+    import pydantic_core
+
+    from mtlsctl import __version__
+
+    yaml_spec = importlib.util.find_spec("yaml")
+    sources = [__file__, validate.__file__, yaml_spec.origin if yaml_spec is not None else None]
+    parts = [__version__.encode(), pydantic.VERSION.encode(), pydantic_core.__version__.encode()]
+    for source in sources:
+        if not source:
+            raise OSError("no source to hash")
+        parts.append(Path(source).read_bytes())
+    from mtlsctl.cache import digest
+
+    return digest(*parts).encode()
+
+
+def _cache_key(raw: bytes) -> str | None:
+    from mtlsctl import cache
+
+    if cache.cache_dir() is None:
+        return None
+    try:
+        return cache.digest(b"mtlsctl profile", _code_key(), raw)
+    except OSError:  # an install without sources: no cache
+        return None
+
+
+def _from_cache(key: str) -> Profile | None:
+    from mtlsctl import cache
+
+    data = cache.get(CACHE_KIND, key)
+    if data is None:
+        return None
+    try:
+        return _rebuild(Profile, data)
+    except (TypeError, ValueError, KeyError):
+        return None
+
+
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    """The model class a field holds (KeySpec, or RateLimit in `RateLimit | None`), or None."""
+    from typing import get_args
+
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    models = [a for a in get_args(annotation) if isinstance(a, type) and issubclass(a, BaseModel)]
+    return models[0] if len(models) == 1 else None
+
+
+def _rebuild(model: type[_M], data: Any) -> _M:
+    """A validated model back from its model_dump(mode="json"), without validating again (the entry is the dump
+    of a model this code validated from the same bytes). Anything that does not have the model's shape is
+    refused (ValueError), and the caller validates the file instead."""
+    if not isinstance(data, dict) or set(data) != set(model.model_fields):
+        raise ValueError("not the shape of " + model.__name__)
+    values: dict[str, Any] = {}
+    for name, field in model.model_fields.items():
+        value = data[name]
+        inner = _model_in(field.annotation)
+        if inner is not None and value is not None:
+            value = _rebuild(inner, value)
+        elif isinstance(value, (dict, list)) and not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
+            raise ValueError(f"unexpected value for {model.__name__}.{name}")
+        values[name] = value
+    return model.model_construct(**values)
+

@@ -131,8 +131,20 @@ def require_tool(name: str) -> str:
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    # mtlsctl's per-user profile cache (mtlsctl/cache.py): the suite's own, never the user's ~/.cache, so a run
+    # leaves nothing behind it and no entry from an earlier checkout is read. Tests of the cache set their own.
+    import tempfile
+
+    os.environ["MTLSCTL_CACHE_DIR"] = tempfile.mkdtemp(prefix="mtlsctl-test-cache-")
+    os.environ.pop("MTLSCTL_NO_CACHE", None)
     config.addinivalue_line("markers", "needs(*tools): the test runs these tools (tests/conftest.py TOOLS); "
                                        "skipped when one is missing, a failure under CI=true")
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    where = os.environ.get("MTLSCTL_CACHE_DIR", "")
+    if os.path.basename(where).startswith("mtlsctl-test-cache-"):
+        shutil.rmtree(where, ignore_errors=True)
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:

@@ -20,10 +20,10 @@ import sys
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
-import click
 import typer
 
 from mtlsctl import __version__
+from mtlsctl import _click as click
 from mtlsctl.cli.context import CliState, run_state
 from mtlsctl.errors import (
     EXIT_BAD_INPUT,
@@ -222,7 +222,7 @@ def _canonical_choice(choices: tuple[str, ...], then: Any) -> Any:
 
 def _complete_choice(choices: tuple[str, ...]) -> Any:
     def complete(ctx: click.Context, param: click.Parameter, incomplete: str) -> list[Any]:
-        from click.shell_completion import CompletionItem
+        from mtlsctl._click import CompletionItem
 
         return [CompletionItem(c) for c in choices if c.lower().startswith(incomplete.lower())]
     return complete
@@ -278,11 +278,12 @@ def usage_error_lines(exc: click.UsageError, root: click.Command | None = None) 
         found = _suggest(exc.option_name, candidates)
         if found:
             return [f"error: {exc.message.rstrip('.')}. Did you mean {_one_of(found)}?"]
-    match = re.fullmatch(r"No such command (['\"])(.*)\1\.", exc.message, re.S)
+    # typer >= 0.20 appends its own suggestion after the sentence; ours replaces it (one line, every match)
+    match = re.match(r"No such command (['\"])(.*?)\1\.", exc.message, re.S)
     if match and ctx is not None and isinstance(ctx.command, click.Group):
         found = _suggest(match.group(2), ctx.command.list_commands(ctx))
         if found:
-            return [f"error: {exc.message.rstrip('.')}. Did you mean {_one_of(found, quote=chr(39))}?"]
+            return [f"error: {match.group(0).rstrip('.')}. Did you mean {_one_of(found, quote=chr(39))}?"]
     # click's multi-line usage block becomes our one-line error + hint
     return [f"error: {exc.format_message()}", f"hint: run `{where} --help`"]
 
@@ -333,7 +334,7 @@ def main(argv: list[str] | None = None, *, state: CliState | None = None) -> NoR
     except MtlsError as exc:
         _say(exc.lines())
         code = exc.exit_code
-    except click.exceptions.Abort:
+    except click.Abort:
         print("interrupted", file=sys.stderr)
         code = EXIT_INTERRUPTED
     except click.UsageError as exc:

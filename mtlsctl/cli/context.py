@@ -12,8 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import click
-
+from mtlsctl import _click as click
 from mtlsctl.cli import io
 
 if TYPE_CHECKING:

@@ -291,8 +291,9 @@ def completion_file(shell: str, environ: Mapping[str, str] = os.environ) -> Path
 def completion_script(shell: str) -> str:
     """The completion script for a shell: typer's completion classes (click's machinery), _MTLSCTL_COMPLETE."""
     import typer.main
-    from click.shell_completion import get_completion_class
     from typer._completion_classes import completion_init
+
+    from mtlsctl._click import get_completion_class
 
     completion_init()
     cls = get_completion_class(shell)
