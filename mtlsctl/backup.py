@@ -35,7 +35,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import TYPE_CHECKING, BinaryIO
+from typing import IO, TYPE_CHECKING, BinaryIO
 
 from mtlsctl.errors import InputError, MtlsError, OpenSSLError
 from mtlsctl.files import (
@@ -336,7 +336,7 @@ def _write_tar(tar: tarfile.TarFile, root: Path, entries: list[tuple[tuple[str, 
     return written
 
 
-def _read_back(fh: BinaryIO) -> list[Member]:
+def _read_back(fh: IO[bytes]) -> list[Member]:
     """The members of a finished archive, read as a stream (with each file's hash)."""
     found = []
     with tarfile.open(fileobj=fh, mode="r|gz") as tar:

@@ -850,7 +850,10 @@ class Transaction:
 
     def view(self) -> JournalView:
         assert self._journal is not None
-        rel = lambda p: self._rel(p) or str(p)  # noqa: E731
+
+        def rel(p: Path) -> str:
+            return self._rel(p) or str(p)
+
         return JournalView(
             "sound", self._journal, pid=self._pid,
             remove=[rel(p) for p in self._created if os.path.lexists(p)],

@@ -123,7 +123,7 @@ healthy = answered  # the supervisor's health request is a liveness check
 def signer_state(pki: Pki) -> tuple[tuple[int, int, int, int] | None, ...]:
     """Identity of the signer's certificate and key files (inode, size, mtime, ctime): `renew` replaces the
     certificate, so a change means the running responder signs with the old one."""
-    out = []
+    out: list[tuple[int, int, int, int] | None] = []
     for rel in (ClientFiles(SIGNER).crt, ClientFiles(SIGNER).key):
         try:
             st = pki.path(rel).stat()
@@ -136,7 +136,7 @@ def signer_state(pki: Pki) -> tuple[tuple[int, int, int, int] | None, ...]:
 
 def backoff_delay(failures: int, first: float = BACKOFF_FIRST, cap: float = BACKOFF_MAX) -> float:
     """Seconds to wait before restarting after `failures` failures in a row (1, 2, ...): first * 2**(n-1), capped."""
-    return min(cap, first * 2 ** min(max(failures, 1) - 1, 32))
+    return min(cap, first * float(2 ** min(max(failures, 1) - 1, 32)))
 
 
 def _stop(proc) -> None:  # type: ignore[no-untyped-def]

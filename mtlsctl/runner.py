@@ -130,12 +130,11 @@ def summarize_stderr(stderr: str) -> str:
     return "no message on stderr"
 
 
-def _pass_fds(extra: tuple[int, ...] = ()) -> dict[str, tuple[int, ...]]:
+def _pass_fds(extra: tuple[int, ...] = ()) -> tuple[int, ...]:
     """Descriptors the child keeps: the PKI lock (see files.HELD_LOCK_FDS) and secret pipes."""
     from mtlsctl.files import HELD_LOCK_FDS
 
-    fds = tuple(sorted(HELD_LOCK_FDS)) + extra
-    return {"pass_fds": fds} if fds else {}
+    return tuple(sorted(HELD_LOCK_FDS)) + extra
 
 
 class Runner:
@@ -192,7 +191,7 @@ class Runner:
                 text=True,
                 env=child_env(),
                 check=False,
-                **_pass_fds(extra_fds),
+                pass_fds=_pass_fds(extra_fds),
             )
         except FileNotFoundError as exc:
             raise StateError(

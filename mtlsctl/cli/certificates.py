@@ -547,7 +547,7 @@ def renew(
         for r in report.renewed:
             print(f"Renewed {r.name}: serial {r.old_serial} -> {r.new_serial}, valid until {r.not_after:%Y-%m-%d %H:%M} UTC; "
                   f"old certificate archived as {r.archived}")
-            if r.p12:
+            if r.p12 and r.password_file:
                 print(f"  new bundle {settings.pki.path(r.p12)}; password in {settings.pki.path(r.password_file)}")
                 if show_passwords:
                     print(f"  New Export Password: {r.password}")
