@@ -13,12 +13,15 @@ never read a certificate (`list`, `--help`) do not pay for the import.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from mtlsctl.errors import InputError, StateError
+
+T = TypeVar("T")
 
 if TYPE_CHECKING:
     from cryptography import x509
@@ -353,8 +356,36 @@ def facts(cert: x509.Certificate) -> CertFacts:
     )
 
 
+def _derived(kind: str, data: bytes, compute: Callable[[], T], dump: Callable[[T], Any], load: Callable[[Any], T]) -> T:
+    """compute(), or its result for the same bytes read by this same code before (mtlsctl/cache.py: keyed by the
+    bytes, this module's source and cryptography's version). `list` and `renew` read the CA certificate and the
+    CRL on every run; parsing them means importing cryptography, which costs more than the rest of the run."""
+    from mtlsctl import cache
+
+    try:
+        code = cache.code_key("mtlsctl.x509read", "cryptography")
+    except OSError:
+        return compute()
+    return cache.derived(kind, [data, code], compute, dump, load)
+
+
+def _utc(text: Any) -> datetime:
+    if not isinstance(text, str):
+        raise ValueError("not a date")
+    value = datetime.fromisoformat(text)
+    if value.utcoffset() != timedelta(0):
+        raise ValueError("not UTC")
+    return value
+
+
 def not_after(path: Path) -> datetime:
-    return read_certificate(path).not_valid_after_utc
+    """The certificate's notAfter (UTC)."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise StateError(f"cannot read {path}: {exc.strerror}") from None
+    return _derived("cert_not_after", data, lambda: load_certificate(data, str(path)).not_valid_after_utc,
+                    lambda d: d.isoformat(), _utc)
 
 
 # --------------------------------------------------------------------------- CRLs
@@ -387,7 +418,23 @@ def read_crl_facts(path: Path) -> CrlFacts:
         data = path.read_bytes()
     except OSError as exc:
         raise StateError(f"cannot read {path}: {exc.strerror}", hint="regenerate it: mtlsctl crl") from None
-    return crl_facts(load_crl(data, str(path)))
+    return _derived("crl_facts", data, lambda: crl_facts(load_crl(data, str(path))), _crl_dump, _crl_load)
+
+
+def _crl_dump(facts: CrlFacts) -> dict[str, Any]:
+    return {"this_update": facts.this_update.isoformat(), "crl_number": facts.crl_number, "revoked": facts.revoked,
+            "next_update": facts.next_update.isoformat() if facts.next_update else None, "issuer": facts.issuer}
+
+
+def _crl_load(value: Any) -> CrlFacts:
+    if not isinstance(value, dict) or set(value) != {"this_update", "next_update", "crl_number", "revoked", "issuer"}:
+        raise ValueError("not CRL facts")
+    number, revoked, issuer = value["crl_number"], value["revoked"], value["issuer"]
+    if not isinstance(number, str) or not isinstance(issuer, str) or type(revoked) is not int:
+        raise ValueError("not CRL facts")
+    return CrlFacts(this_update=_utc(value["this_update"]),
+                    next_update=None if value["next_update"] is None else _utc(value["next_update"]),
+                    crl_number=number, revoked=revoked, issuer=issuer)
 
 
 def crl_signed_by(crl_path: Path, ca_path: Path) -> bool:

@@ -74,3 +74,110 @@ def test_a_dry_run_with_json_reads_the_command_context(tmp_path, mtls):
     res = mtls(["--pki-dir", str(pki), "init", "--dry-run", "--json"])
     assert res.code == 0, res.err
     assert res.out.lstrip().startswith("{") and '"dry_run": true' in res.out
+
+
+# ------------------------------------------------------------------ start-up: one command built, plain coercion
+
+
+def _help_of(root, path: list[str]) -> str:
+    import io
+    from contextlib import redirect_stdout
+
+    out = io.StringIO()
+    with redirect_stdout(out), pytest.raises((SystemExit, _click.ClickException, typer.Exit)) as exc_info:
+        root.main(args=[*path, "--help"], prog_name="mtlsctl", standalone_mode=False)
+        raise SystemExit(0)  # standalone_mode=False: --help returns instead of exiting
+    del exc_info
+    return out.getvalue()
+
+
+def _paths(command, prefix=()):
+    for name, sub in getattr(command, "commands", {}).items():
+        yield [*prefix, name]
+        yield from _paths(sub, (*prefix, name))
+
+
+def test_a_named_command_is_built_alone_and_parses_and_helps_as_in_the_whole_tree(monkeypatch):
+    monkeypatch.setenv("COLUMNS", "100")
+    full = cli.build_command()
+    names = list(full.commands)
+    assert len(names) > 20
+    for path in _paths(full):
+        part = cli.build_command(["--pki-dir", "/x", *path, "--json"])
+        assert list(part.commands) == [path[0]], path  # only the invoked command (or group) was built
+        assert _help_of(part, path) == _help_of(cli.build_command(), path), path
+    # global options with values before the command are skipped as click skips them
+    assert list(cli.build_command(["--profile", "list", "doctor"]).commands) == ["doctor"]
+    assert list(cli.build_command(["--profile=p.yaml", "list"]).commands) == ["list"]
+    # no command, --help, an unknown or mistyped name, completion: the whole tree
+    for args in ([], ["--help"], ["lst"], ["--pki-dir", "/x"]):
+        assert list(cli.build_command(args).commands) == names, args
+    monkeypatch.setenv("_MTLSCTL_COMPLETE", "bash_complete")
+    assert list(cli.build_command(["list"]).commands) == names
+
+
+def test_unknown_command_still_gets_did_you_mean(mtls):
+    r = mtls(["lst"])
+    assert r.code == 2 and r.err.strip().splitlines() == ["error: No such command 'lst'. Did you mean 'list'?"]
+
+
+def _typers_own(param, value, ctx):
+    from typer._coercion import build_runtime_param
+
+    return build_runtime_param(param.type_descriptor).coerce(value, param=param, ctx=ctx)
+
+
+PLAIN_SAMPLES = {
+    "str": ["alice", "", " x ", "-", "ünï", "a\nb"],
+    "int": ["0", "7", "007", "-3", "+5", " 5", "5 ", "1_000", "", "x", "9" * 30, "1.0"],
+    "Path": ["pki", "/etc/nginx/pki", "", ".", "-", "/nonexistent/x", "/etc/shadow", "/root"],
+    "bool": [True, False],
+    "list[str]": [(), ("a",), ("a", "b")],
+}
+
+
+@pytest.mark.skipif(importlib.util.find_spec("typer._coercion") is None, reason="typer < 0.29 coerces without pydantic")
+def test_plain_coercion_gives_typers_own_results_and_errors_for_every_parameter():
+    """Every parameter of every command, with typer's own coercion and with mtlsctl's plain one, on the same
+    values: the same value, or the same error message."""
+    root = cli.build_command()  # plain coercion installed
+    seen, compared = set(), 0
+    for path in [[], *_paths(root)]:
+        command = root
+        for name in path:
+            command = command.commands[name]
+        ctx = _click.Context(command, info_name="mtlsctl")
+        for param in [*command.params, command.get_help_option(ctx)]:
+            runtime = getattr(param, "_runtime_param", None)
+            if param is None or runtime is None or type(runtime).__name__ != "PlainRuntimeParam":
+                continue
+            ann = param.type_descriptor.annotation
+            kind = "list[str]" if ann == list[str] else ann.__name__
+            seen.add(kind)
+            for value in PLAIN_SAMPLES[kind]:
+                outcomes = []
+                for coerce in (lambda v: runtime.coerce(v, param=param, ctx=ctx), lambda v: _typers_own(param, v, ctx)):
+                    try:
+                        outcomes.append(("ok", coerce(value)))
+                    except _click.ClickException as exc:
+                        outcomes.append(("error", exc.format_message()))
+                assert outcomes[0] == outcomes[1], (path, param.name, value, outcomes)
+                compared += 1
+    assert seen == set(PLAIN_SAMPLES) and compared > 200
+
+
+@pytest.mark.skipif(importlib.util.find_spec("typer._coercion") is None, reason="typer < 0.29 coerces without pydantic")
+def test_a_plain_run_builds_no_pydantic_adapter(tmp_path):
+    """`mtlsctl --pki-dir D --profile P list --status valid --json` parses every value without typer's pydantic
+    adapters (the start-up cost plain_coercion removes)."""
+    import subprocess
+    import sys
+
+    argv = ["--pki-dir", str(tmp_path / "pki"), "--ca-passphrase-fd", "3",
+            "list", "--status", "valid", "--expiring-within", "30", "--json"]
+    # the run itself fails (no PKI there) after parsing every value; -X importtime lists every module imported
+    out = subprocess.run([sys.executable, "-X", "importtime", "-m", "mtlsctl", *argv], capture_output=True, text=True)
+    assert out.returncode == 2 and "error: no CA in" in out.stderr, out.stderr[-500:]
+    imported = {line.split("|")[-1].strip() for line in out.stderr.splitlines() if line.startswith("import time:")}
+    assert "mtlsctl.cli.certificates" in imported and "typer._coercion" in imported
+    assert "typer._adapters" not in imported

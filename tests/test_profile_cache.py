@@ -293,3 +293,34 @@ def test_code_key_hashes_sources_without_importing_them():
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True,
                          cwd=Path(__file__).resolve().parent.parent).stdout
     assert out.strip() == "[]"  # located and hashed, not imported: a cache hit must not pay for the parser
+
+
+# ------------------------------------------------------------------ the CA's and the CRL's dates, cached by content
+
+
+def test_ca_and_crl_dates_come_from_the_cache_only_for_the_same_bytes(fast_pki, cache_dir, monkeypatch):
+    """`list` and `renew` read the CA's notAfter and the CRL's dates on every run: parsed once per content
+    (x509read._derived), the same values as parsing, and a changed file is parsed again."""
+    from mtlsctl import x509read
+    from tests.conftest import openssl
+
+    pki = fast_pki
+    ca, crl = pki / "ca/ca.crt", pki / "crl/ca.crl"
+    fresh_ca, fresh_crl = x509read.not_after(ca), x509read.read_crl_facts(crl)
+    parsed = []
+    real_cert, real_crl = x509read.load_certificate, x509read.load_crl
+    monkeypatch.setattr(x509read, "load_certificate", lambda *a: parsed.append("cert") or real_cert(*a))
+    monkeypatch.setattr(x509read, "load_crl", lambda *a: parsed.append("crl") or real_crl(*a))
+    assert x509read.not_after(ca) == fresh_ca and x509read.read_crl_facts(crl) == fresh_crl
+    assert parsed == []  # both from the cache
+    end = openssl("x509", "-in", str(ca), "-noout", "-enddate").stdout.strip()
+    assert fresh_ca.strftime("%b %e %H:%M:%S %Y GMT").replace("  ", " ") == end.split("=", 1)[1].replace("  ", " ")
+    # another CRL (one more byte of text before the PEM block is still the same CRL: same facts, parsed again)
+    crl.write_bytes(b"\n" + crl.read_bytes())
+    assert x509read.read_crl_facts(crl) == fresh_crl and parsed == ["crl"]
+    # a damaged entry is a miss, never a value
+    for entry in cache_dir.glob("cert_not_after-*.json"):
+        doc = json.loads(entry.read_text())
+        doc["value"] = "not a date"
+        entry.write_text(json.dumps(doc))
+    assert x509read.not_after(ca) == fresh_ca and parsed == ["crl", "cert"]

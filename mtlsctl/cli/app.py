@@ -240,13 +240,69 @@ def accept_any_case(command: click.Command) -> None:
         accept_any_case(sub)
 
 
-def build_command() -> click.Group:
-    """The click command main() runs: typer's, with the habits above applied (a new one each call)."""
+def _command_names(typer_app: typer.Typer) -> dict[str, Any]:
+    """The top-level command and group names of an app -> their registration (CommandInfo / TyperInfo)."""
+    from typer.main import get_command_name
+
+    out: dict[str, Any] = {}
+    for command in typer_app.registered_commands:
+        if command.callback is not None:
+            out[command.name or get_command_name(command.callback.__name__)] = command
+    for group in typer_app.registered_groups:
+        name = group.name or (group.typer_instance.info.name if group.typer_instance is not None else None)
+        if isinstance(name, str):
+            out[name] = group
+    return out
+
+
+def invoked_command(args: list[str]) -> str | None:
+    """The top-level command the arguments name, found as click will: past the global options and their values
+    (the root's own options, from the callback alone), the first argument; None when there is none."""
     import typer.main
 
-    root = typer.main.get_command(app)
+    skeleton = copy_app(commands=[], groups=[])
+    arity = _option_arity(typer.main.get_command(skeleton))
+    i = 0
+    while i < len(args) and args[i].startswith("-") and args[i] != "-":
+        if args[i] == "--":
+            i += 1
+            break
+        i += 1 + (0 if "=" in args[i] else arity.get(args[i], 0))
+    return args[i] if i < len(args) else None
+
+
+def copy_app(*, commands: list[Any], groups: list[Any]) -> typer.Typer:
+    """`app` with only these registered commands and groups: its callback, help and settings unchanged."""
+    import copy
+
+    part = copy.copy(app)
+    part.registered_commands, part.registered_groups = commands, groups
+    return part
+
+
+def build_command(args: list[str] | None = None) -> click.Group:
+    """The click command main() runs: typer's, with the habits above applied (a new one each call).
+
+    With `args` that name a known command (`mtlsctl list ...`), only that command (or group) is built: typer
+    turns every command's signature into click parameters, and building all of them costs more than most
+    commands take to run (docs/performance.md). Everything else — no command, `--help`, an unknown or
+    mistyped name, shell completion — gets the whole tree, so help, "did you mean" and completion see every
+    command. A command's own parsing and help are the same either way (tests/test_cli_habits.py).
+    """
+    import typer.main
+
+    target = app
+    if args is not None and not os.environ.get("_MTLSCTL_COMPLETE"):
+        name = invoked_command(args)
+        known = _command_names(app)
+        if name is not None and name in known:
+            info = known[name]
+            target = copy_app(commands=[c for c in app.registered_commands if c is info],
+                              groups=[g for g in app.registered_groups if g is info])
+    root = typer.main.get_command(target)
     assert isinstance(root, click.Group)
     accept_any_case(root)
+    click.plain_coercion(root)
     return root
 
 
@@ -321,12 +377,13 @@ def main(argv: list[str] | None = None, *, state: CliState | None = None) -> NoR
     code = EXIT_OK
     root: click.Group | None = None
     try:
-        root = build_command()
+        args = list(sys.argv[1:] if argv is None else argv)
+        root = build_command(args)
         if os.environ.get("_MTLSCTL_COMPLETE"):  # a shell asks what to complete: typer's classes answer
             from typer._completion_classes import completion_init
 
             completion_init()
-        args = hoist_global_options(root, list(sys.argv[1:] if argv is None else argv))
+        args = hoist_global_options(root, args)
         rv = root.main(args=args, prog_name="mtlsctl", standalone_mode=False, obj=opts)
         code = rv if isinstance(rv, int) else EXIT_OK
         if code == EXIT_INTERRUPTED:  # typer turns KeyboardInterrupt (and our SIGTERM) into Exit(130)
