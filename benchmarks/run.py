@@ -85,8 +85,9 @@ openssl ca -config openssl.cnf -gencrl -out crl/ca.crl 2>/dev/null
 
 
 def mtlsctl() -> list[str]:
-    exe = shutil.which("mtlsctl")
-    return [exe] if exe else [sys.executable, "-m", "mtlsctl"]
+    """The mtlsctl installed with the Python that runs this benchmark (not another one on PATH)."""
+    exe = Path(sys.executable).parent / "mtlsctl"
+    return [str(exe)] if exe.is_file() else [sys.executable, "-m", "mtlsctl"]
 
 
 ENV: dict[str, str] = {}  # for every mtlsctl run: the benchmark's own profile cache (set in main)
