@@ -49,6 +49,8 @@ class AfterChange:
     reload_error: str | None = None  # the nginx test or reload failed (the change stands)
     primed: bool = False
     notes: list[str] = field(default_factory=list)
+    metrics: str | None = None  # the profile's metrics.textfile, rewritten (renew, revoke, crl, replace)
+    metrics_error: str | None = None  # why it was not (a warning: the change and nginx are not affected)
 
     @property
     def errors(self) -> list[str]:
@@ -78,8 +80,12 @@ class AfterChange:
         return None
 
     def to_json(self) -> dict[str, object]:
-        """The keys every writer's --json carries: reloaded, published {ran, exit, detail}."""
-        return {"reloaded": self.reloaded, "published": self.published.to_json()}
+        """The keys every writer's --json carries: reloaded, published {ran, exit, detail}; with metrics.textfile in
+        the profile, metrics {written, error}."""
+        out: dict[str, object] = {"reloaded": self.reloaded, "published": self.published.to_json()}
+        if self.metrics is not None or self.metrics_error is not None:
+            out["metrics"] = {"written": self.metrics, "error": self.metrics_error}
+        return out
 
 
 def after_crl_change(settings: Settings, operation: str, *, changed: bool, reload: bool = True,
@@ -131,7 +137,29 @@ def after_crl_change(settings: Settings, operation: str, *, changed: bool, reloa
         if primed:
             notes.append(f"OCSP responder primed: its next answer for {_PRIMED_FOR.get(operation, 'this certificate')} "
                          "says revoked")
-    return AfterChange(operation, published, reloaded, reload_error, primed, notes)
+    written, metrics_error = refresh_metrics(settings, operation, notes)
+    return AfterChange(operation, published, reloaded, reload_error, primed, notes, written, metrics_error)
+
+
+# The writers after which the profile's metrics.textfile is rewritten (renew: every run, for its last-run metric).
+METRICS_AFTER = ("renew", "revoke", "crl", "replace")
+
+
+def refresh_metrics(settings: Settings, operation: str, notes: list[str]) -> tuple[str | None, str | None]:
+    """Rewrite the profile's metrics.textfile after `operation` (whether or not it changed anything: the last renew
+    run changes every time). (path written, error); a failure is a warning in `notes`, never the command's exit."""
+    if operation not in METRICS_AFTER or not settings.facts.metrics_textfile:  # facts: no pydantic when cached
+        return None, None
+    from mtlsctl.metrics import refresh_textfile
+
+    try:
+        path = refresh_textfile(settings)
+    except (MtlsError, OSError) as exc:
+        why = exc.message if isinstance(exc, MtlsError) else f"{exc.strerror or exc}"
+        notes.append(f"warning: metrics.textfile {settings.facts.metrics_textfile} was not written: {why}")
+        return None, why
+    notes.append(f"metrics written to {path}")
+    return str(path), None
 
 
 # ------------------------------------------------------------------ a reload that failed is not forgotten

@@ -37,11 +37,14 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import IO, TYPE_CHECKING, BinaryIO
 
+from mtlsctl import audit
+from mtlsctl.audit import AUDIT_FILE
 from mtlsctl.errors import InputError, MtlsError, OpenSSLError
 from mtlsctl.files import (
     MODE_CA_KEY,
     MODE_PRIVATE_DIR,
     MODE_PUBLIC_DIR,
+    MODE_SECRET,
     atomic_write,
     check_owned_dir,
     fsync_dir,
@@ -58,7 +61,7 @@ MAGIC = b"Salted__"
 ENC_ARGS = ("-aes-256-cbc", "-pbkdf2", "-iter", "200000", "-md", "sha256")
 
 # The PKI layout: what a backup holds and a restore accepts.
-TOP_FILES = frozenset((*DB_FILES_WITH_BACKUPS, "openssl.cnf", PROFILE_NAME))
+TOP_FILES = frozenset((*DB_FILES_WITH_BACKUPS, "openssl.cnf", PROFILE_NAME, AUDIT_FILE))
 FLAT_DIRS = frozenset(DIRS)          # ca/ certs/ crl/ private/ newcerts/: regular files, no subdirectories
 ROOT_DIR = "root"                    # two-tier: the root's own database and root/newcerts/
 ROOT_FILES = frozenset(DB_FILES_WITH_BACKUPS)
@@ -81,6 +84,8 @@ def clamp_mode(rel: tuple[str, ...], is_dir: bool, mode: int) -> int:
         return MODE_PRIVATE_DIR if rel == ("private",) or (rel and rel[0] == ARCHIVE_DIR) else (mode & 0o755) | 0o700
     if rel in (("private", "ca.key"), ("private", "root.key")):
         return MODE_CA_KEY
+    if rel == (AUDIT_FILE,):
+        return MODE_SECRET  # the audit log: its owner appends, nobody else reads
     secret_in_archive = rel[0] == ARCHIVE_DIR and rel[-1].endswith((".key", ".p12", ".password"))
     if rel[0] == "private" or secret_in_archive or (rel[0] == "certs" and rel[-1].endswith(".p12")):
         return (mode & 0o600) | 0o400
@@ -680,6 +685,12 @@ def restore(backup_file: Path, target: Path, passphrase: str | None, runner: Run
             if isinstance(exc, OSError):
                 raise _os_error(exc, f"restore into {target} failed (what it wrote was removed)") from None
             raise
+    from mtlsctl.pki import Pki
+
+    # The restored PKI's audit log (restored too) says where it came from. Restore made this PKI a moment ago
+    # and holds no lock on it (nor leaves a lock file there): nobody else can be writing to it yet.
+    audit.record_new_pki(Pki(result.pki_dir), "restore", backup=str(Path(backup_file).absolute())[:300], files=result.files,
+                         encrypted=encrypted, clamped=len(result.clamped), skipped=len(result.skipped))
     return result
 
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from mtlsctl import openssl
+from mtlsctl import audit, openssl
 from mtlsctl.crl import gencrl_command, generate_crl, generate_root_crl, root_gencrl_command
 from mtlsctl.errors import InputError, StateError
 from mtlsctl.files import (
@@ -24,7 +24,6 @@ from mtlsctl.files import (
     produce,
 )
 from mtlsctl.pki import DIRS, Pki, Settings
-from mtlsctl.profile import dump_profile
 from mtlsctl.runner import Command, Reporter, Runner
 
 # The guide: `touch index.txt; echo 1000 > serial; echo 1000 > crlnumber`; FIELD-NOTES: unique_subject.
@@ -156,8 +155,13 @@ def init_pki(settings: Settings, runner: Runner, now: datetime | None = None, ca
             tx.created(pki.path(pki.crl))
             generate_crl(pki, profile.crl.days, runner, tx, now)
             tx.created(pki.path(pki.profile))
+            from mtlsctl.profile import dump_profile
+
             atomic_write(pki.path(pki.profile), dump_profile(profile, pki.root), MODE_PUBLIC)
             tx.checkpoint()
+            audit.record(pki, "init", two_tier=profile.ca.intermediate is not None, days=profile.ca.days,
+                         algorithm=profile.ca.key_spec.describe(), encrypted=ca_passphrase is not None,
+                         subject=", ".join(f"{k}={v}" for k, v in profile.ca.subject.fields()))
 
     subject = ", ".join(f"{k}={v}" for k, v in profile.ca.subject.fields())
     return InitResult(
@@ -278,13 +282,15 @@ def change_passphrase(pki: Pki, old: str | None, new: str, runner: Runner) -> No
     passin = ("-passin", "fd:@0") if old is not None else ()
     secrets = (old, new) if old is not None else (new,)
     out_fd = "fd:@1" if old is not None else "fd:@0"
-    with pki_lock(pki.lock_path), Transaction(pki.root) as tx:
+    with pki_lock(pki.lock_path), audit.failures_recorded(pki, "ca-passphrase-change"), Transaction(pki.root) as tx:
         tx.snapshot(pki.path(pki.ca_key))
         produce(tx, pki.path(tmp), KEY_MODE, lambda: runner.run(Command(
             ("openssl", "pkey", "-in", pki.ca_key, *passin, "-aes256", "-passout", out_fd, "-out", tmp),
             label="re-encrypting private/ca.key", fd_secrets=secrets), cwd=pki.root))
         runner.run(Command(("openssl", "pkey", "-in", tmp, "-noout", "-passin", "fd:@0"), fd_secrets=(new,)), cwd=pki.root)
         os.replace(pki.path(tmp), pki.path(pki.ca_key))
+        tx.checkpoint()
+        audit.record(pki, "ca-passphrase-change", was_encrypted=old is not None)
 
 
 def export_root_offline(pki: Pki, out: Path) -> Path:
@@ -303,7 +309,7 @@ def export_root_offline(pki: Pki, out: Path) -> Path:
         raise InputError("--out is inside the PKI directory", hint="write it to removable media or another host")
     if not out.parent.is_dir():
         raise InputError(f"--out {out}: directory {out.parent} does not exist")
-    with pki_lock(pki.lock_path):
+    with pki_lock(pki.lock_path), audit.failures_recorded(pki, "root-export-offline", out=str(out)[:300]):
         data = src.read_bytes()
         fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_EXCL, MODE_CA_KEY)
         with os.fdopen(fd, "wb") as fh:
@@ -314,4 +320,5 @@ def export_root_offline(pki: Pki, out: Path) -> Path:
             out.unlink()
             raise StateError(f"the copy at {out} does not match; private/root.key was kept")
         src.unlink()
+        audit.record(pki, "root-export-offline", out=str(out)[:300])
     return out

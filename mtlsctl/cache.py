@@ -197,10 +197,15 @@ def code_key(*modules: str) -> bytes:
             raise OSError(f"no source for {name}")
         parts.append(name.encode())
         parts.append(Path(spec.origin).read_bytes())
-        if spec.submodule_search_locations:  # a package: its version file too, when it has one
-            about = Path(spec.origin).with_name("__about__.py")
-            if about.is_file():
-                parts.append(about.read_bytes())
+        if spec.submodule_search_locations:  # a package: its version files, and its compiled core's identity
+            home = Path(spec.origin).parent
+            for version_file in ("__about__.py", "version.py", "_version.py"):
+                if (home / version_file).is_file():
+                    parts.append((home / version_file).read_bytes())
+            for entry in sorted(os.scandir(home), key=lambda e: e.name):
+                if entry.name.endswith(".so") and entry.is_file():  # e.g. pydantic_core's: no version file beside it
+                    st = entry.stat()
+                    parts.append(f"{entry.name}:{st.st_size}:{st.st_mtime_ns}".encode())
     return digest(*parts).encode()
 
 

@@ -23,8 +23,9 @@ from dataclasses import dataclass, field
 from dataclasses import replace as replace_fields
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from mtlsctl import db, openssl, validate
+from mtlsctl import audit, db, openssl, validate
 from mtlsctl.errors import InputError, MtlsError, StateError
 from mtlsctl.files import (
     MODE_PRIVATE_DIR,
@@ -42,8 +43,10 @@ from mtlsctl.files import (
     refuse_symlink,
 )
 from mtlsctl.pki import DB_FILES_WITH_BACKUPS, ClientFiles, Pki, Settings
-from mtlsctl.profile import KeySpec
 from mtlsctl.runner import Command, Runner
+
+if TYPE_CHECKING:  # annotations only: the profile's models mean pydantic (start-up)
+    from mtlsctl.profile import KeySpec
 
 EXTENSIONS = {"client": "v3_client", "server": "v3_server", "ocsp": "v3_ocsp"}
 
@@ -111,6 +114,8 @@ def build_request(settings: Settings, name: str, *, days: int | None = None, key
     if key_type is not None and key_type not in ("rsa", "ec"):
         raise InputError(f"--key-type {key_type!r} is not a key type", hint="use rsa or ec")
     if key_type is not None and key_type != key.type:
+        from mtlsctl.profile import KeySpec
+
         key = KeySpec(type=key_type).resolved(2048, "P-256")  # type: ignore[arg-type]
     if p12 is not None and p12 not in openssl.P12_FLAGS:
         raise InputError(f"--p12 {p12!r} is not a PKCS#12 profile", hint="use compat, modern or legacy")
@@ -182,8 +187,9 @@ def password_file(name: str) -> str:
 
 
 def name_files(name: str) -> tuple[str, ...]:
-    """Every file a name owns at the guide's paths: key, CSR, certificate, bundle, fullchain, bundle password."""
-    return (*ClientFiles(name).all(), password_file(name))
+    """Every file a name owns at the guide's paths: key, CSR, certificate, bundle, fullchain, bundle password, and
+    the Apple profile `export --format mobileconfig` writes (it holds a bundle too: archived with the rest)."""
+    return (*ClientFiles(name).all(), f"certs/{name}.mobileconfig", password_file(name))
 
 
 def refuse_conflicts(pki: Pki, name: str, *, replacing: bool = False) -> RetirePlan | None:
@@ -572,8 +578,23 @@ def issue_client(settings: Settings, req: IssueRequest, runner: Runner) -> Issue
         pki.require_ca()
         refuse_conflicts(pki, req.name)
     require_section(pki, req.extensions)
-    with pki_lock(pki.lock_path):
-        return issue_locked(settings, req, runner)
+    command = AUDIT_COMMANDS.get(req.kind, "add-client")
+    with pki_lock(pki.lock_path), audit.failures_recorded(pki, command, names=[req.name], kind=req.kind):
+        try:
+            result = issue_locked(settings, req, runner)
+        except IssuedButExportFailed as exc:
+            if exc.result is not None:  # issued and kept: the line names its serial, and says the bundle failed
+                audit.record(pki, command, names=[req.name], serials=[exc.result.serial], result="failed",
+                             error=exc.message, kind=req.kind, issued=True)
+                audit.mark_recorded(exc)
+            raise
+        audit.record(pki, command, names=[req.name], serials=[result.serial], kind=req.kind, days=req.days,
+                     sans=",".join(req.sans)[:300] or None, archived=result.archived)
+        return result
+
+
+# The audit log's command for an issuance, by kind (the OCSP signer is issued by `ocsp setup`, and by init).
+AUDIT_COMMANDS = {"client": "add-client", "server": "add-server", "ocsp": "ocsp-setup"}
 
 
 def issue_locked(settings: Settings, req: IssueRequest, runner: Runner, *, replacing: bool = False) -> IssueResult:
@@ -626,6 +647,32 @@ class ExportResult:
     password: str | None = field(repr=False)  # only when generated
     password_file: Path | None = None  # private/NAME.p12.password, rewritten with the generated password
     removed_password_file: Path | None = None  # removed: the user gave the password, the old file was stale
+    format: str = "p12"  # or "mobileconfig": the bundle inside an Apple configuration profile
+    signed: bool = False  # mobileconfig: signed with the profile's mobileconfig.signer_cert
+    ca: str | None = None  # mobileconfig --with-ca: the CA certificate installed with it (relative to the PKI)
+
+
+EXPORT_FORMATS = ("p12", "mobileconfig")
+
+
+def export_format(fmt: str | None, with_ca: bool = False) -> str:
+    """--format, checked (any case): p12 or mobileconfig; --with-ca only with mobileconfig. Raises InputError."""
+    chosen = (fmt or "p12").lower()
+    if chosen not in EXPORT_FORMATS:
+        raise InputError(f"--format {fmt!r} is not an export format", hint="use p12 or mobileconfig")
+    if with_ca and chosen != "mobileconfig":
+        raise InputError("--with-ca is for --format mobileconfig",
+                         hint="a .p12 already carries the CA chain; --with-ca adds the CA as a trusted root payload")
+    return chosen
+
+
+def export_profile(fmt: str, p12: str | None, settings: Settings) -> str:
+    """The PKCS#12 profile of the bundle: --p12, else compat inside a mobileconfig (what iOS imports, FIELD-NOTES),
+    else the profile's clients.p12."""
+    profile = p12 or ("compat" if fmt == "mobileconfig" else settings.profile.clients.p12)
+    if profile not in openssl.P12_FLAGS:
+        raise InputError(f"--p12 {profile!r} is not a PKCS#12 profile", hint="use compat, modern or legacy")
+    return profile
 
 
 def export_commands(name: str, out: str, profile: str, certfile: str = Pki.ca_cert) -> list[Command]:
@@ -671,35 +718,64 @@ def check_exportable(pki: Pki, name: str, now: datetime | None = None) -> db.Ind
     return row
 
 
-def plan_export(settings: Settings, name: str, *, p12: str | None, out: Path | None) -> tuple[list[Command], list[str]]:
+def plan_export(settings: Settings, name: str, *, p12: str | None, out: Path | None, fmt: str | None = None,
+                with_ca: bool = False) -> tuple[list[Command], list[str]]:
     """What `export --dry-run` prints: the refusals of the real run (revoked, expired, not a client) first,
     then the openssl commands (into the private work directory) and where the bundle would be written."""
+    from mtlsctl import mobileconfig
+
     pki = settings.pki
+    chosen = export_format(fmt, with_ca)
+    profile = export_profile(chosen, p12, settings)
     pki.require_ca()
     with read_lock(pki.root):
         check_exportable(pki, name)  # a revoked or expired certificate gets no bundle, dry run or not
-    target = out.absolute() if out else pki.path(ClientFiles(name).p12)
-    commands = export_commands(name, f"{P12_WORKDIR}/{name}.p12", p12 or settings.profile.clients.p12, pki.ca_bundle)
-    return commands, [f"then written to {target} (a new file with an unpredictable name, renamed into place)"]
+    suffix = mobileconfig.SUFFIX if chosen == "mobileconfig" else ".p12"
+    target = out.absolute() if out else pki.path(f"certs/{name}{suffix}")
+    commands = export_commands(name, f"{P12_WORKDIR}/{name}.p12", profile, pki.ca_bundle)
+    notes = []
+    if chosen == "mobileconfig":
+        signer = mobileconfig.signer(settings)
+        ids = mobileconfig.identifiers(mobileconfig.identifier_prefix(settings), name)
+        notes.append(f"the bundle goes into a configuration profile (identifier {ids.profile}"
+                     + (f", with {mobileconfig.trust_anchor(pki)} as a root payload" if with_ca else "")
+                     + "); its password is not in the profile")
+        if signer is None:
+            notes.append("unsigned (no mobileconfig.signer_cert): iOS shows it as Not Verified")
+        else:
+            notes.append(f"signed in the same directory ({P12_WORKDIR}/); the key's passphrase on a pipe")
+            commands += mobileconfig.sign_commands(signer, *(f"{P12_WORKDIR}/{work}" for work in (
+                mobileconfig.UNSIGNED, mobileconfig.SIGNED, mobileconfig.CHECK)))
+    return commands, notes + [f"then written to {target} (a new file with an unpredictable name, renamed into place)"]
 
 
 def export_client(settings: Settings, name: str, *, p12: str | None, password: str | None,
-                  out: Path | None, force: bool, runner: Runner) -> ExportResult:
-    """Write a fresh PKCS#12 bundle for an issued, active client (atomically; old bundle kept unless --force)."""
+                  out: Path | None, force: bool, runner: Runner, fmt: str | None = None,
+                  with_ca: bool = False) -> ExportResult:
+    """Write a fresh PKCS#12 bundle for an issued, active client (atomically; old bundle kept unless --force).
+
+    With `fmt` "mobileconfig" the bundle (compat unless `p12` says otherwise) goes into an Apple configuration
+    profile (mtlsctl/mobileconfig.py), with the CA as a root payload when `with_ca`, signed when the profile
+    names a signer; written to certs/NAME.mobileconfig (or --out) like a bundle, 0600. Its password is not
+    in the profile and no password file is written for it.
+    """
+    from mtlsctl import mobileconfig
+
     pki = settings.pki
     validate.client_name(name, role="client")
-    profile = p12 or settings.profile.clients.p12
-    if profile not in openssl.P12_FLAGS:
-        raise InputError(f"--p12 {profile!r} is not a PKCS#12 profile", hint="use compat, modern or legacy")
+    chosen = export_format(fmt, with_ca)
+    profile = export_profile(chosen, p12, settings)
+    signer = mobileconfig.signer(settings) if chosen == "mobileconfig" else None
     if password is not None:
         validate.password(password, source="the password option")
     with read_lock(pki.root, writer=True):
         pki.require_ca()
         check_exportable(pki, name)  # revoked, expired, not a client: exit 2 before anything
     files = ClientFiles(name)
-    target = (out if out is not None else pki.path(files.p12)).absolute()
+    file_name = f"{name}{mobileconfig.SUFFIX}" if chosen == "mobileconfig" else f"{name}.p12"
+    target = (out if out is not None else pki.path(f"certs/{file_name}")).absolute()
     if out is not None and target.is_dir() and not target.is_symlink():
-        target = target / f"{name}.p12"  # --out DIR: the bundle's usual name in that directory
+        target = target / file_name  # --out DIR: the bundle's usual name in that directory
     refuse_symlink(target)  # a link planted at --out (or certs/NAME.p12) is refused by name, before openssl runs
     if target.exists() and not force:
         raise InputError(f"{target} already exists", hint="add --force to replace it, or --out to write elsewhere")
@@ -715,17 +791,29 @@ def export_client(settings: Settings, name: str, *, p12: str | None, password: s
     own_p12 = pki.path(files.p12)  # compared resolved (a PKI reached through a link) and by inode
     own_bundle = os.path.realpath(target) == os.path.realpath(own_p12) or (
         target.exists() and own_p12.exists() and os.path.samefile(target, own_p12))
+    if own_bundle and chosen == "mobileconfig":
+        raise InputError(f"--out {target} is the client's PKCS#12 bundle", hint=f"write the profile elsewhere, e.g. certs/{file_name}")
     secret_file = pki.path(password_file(name))
     if own_bundle:
         refuse_symlink(secret_file)
     secret = password if password is not None else generate_password()
-    with pki_lock(pki.lock_path), Transaction(pki.root) as tx:
+    with pki_lock(pki.lock_path), audit.failures_recorded(pki, "export", names=[name], format=chosen), \
+            Transaction(pki.root) as tx:
         row = check_exportable(pki, name)  # again, under the lock
         # openssl writes into a private directory of the PKI; mtlsctl then writes the bytes to an unpredictable
         # mkstemp name next to the target (never followed) and renames it into place.
         workdir = p12_workdir(pki, name, tx)
         try:
             data = build_p12(pki, name, secret, profile, runner, workdir)
+            if chosen == "mobileconfig":
+                anchor = mobileconfig.trust_anchor(pki)
+                data = mobileconfig.build(name, data, prefix=mobileconfig.identifier_prefix(settings),
+                                          organization=mobileconfig.organization(settings),
+                                          ca_der=mobileconfig.certificate_der(pki.path(anchor)) if with_ca else None,
+                                          ca_file_name=Path(anchor).name)
+                if signer is not None:
+                    tx.created(*mobileconfig.work_files(workdir))
+                    data = mobileconfig.sign(data, signer, runner, workdir, cwd=pki.root)
         finally:
             shutil.rmtree(workdir, ignore_errors=True)
         tx.snapshot(target)
@@ -739,8 +827,12 @@ def export_client(settings: Settings, name: str, *, p12: str | None, password: s
             else:
                 os.unlink(secret_file)
                 removed = secret_file
+        tx.checkpoint()
+        audit.record(pki, "export", names=[name], serials=[row.serial], format=chosen, p12_profile=profile,
+                     out=None if own_bundle else str(target))
     return ExportResult(name, row.serial, target, profile, None if password is not None else secret,
-                        password_file=written, removed_password_file=removed)
+                        password_file=written, removed_password_file=removed, format=chosen, signed=signer is not None,
+                        ca=mobileconfig.trust_anchor(pki) if with_ca else None)
 
 
 # ------------------------------------------------------------------ bulk issuance (add-client --from-file)
@@ -833,7 +925,9 @@ def issue_batch(settings: Settings, names: list[str], runner: Runner, *, days: i
         require_section(pki, reqs[0].extensions)
     workers = workers or os.cpu_count() or 1
     result = BatchResult()
-    with pki_lock(pki.lock_path), retired_first(pki, [r.name for r in reqs]), Transaction(pki.root) as tx:
+    with pki_lock(pki.lock_path), audit.failures_recorded(pki, "add-client", names=[r.name for r in reqs], kind="client",
+                                                          batch=len(reqs)), \
+            retired_first(pki, [r.name for r in reqs]), Transaction(pki.root) as tx:
         for req in reqs:
             refuse_conflicts(pki, req.name)
         for req in reqs:  # mtlsctl creates each output first (O_EXCL|O_NOFOLLOW); openssl writes into it
@@ -888,6 +982,14 @@ def issue_batch(settings: Settings, names: list[str], runner: Runner, *, days: i
             atomic_write(bundle_file, data, MODE_SECRET)
             outcomes[req.name] = None
         tx.checkpoint()
+        done = [req.name for req in reqs if outcomes[req.name] is None]
+        audit.record(pki, "add-client", names=done, serials=[rows[n].serial for n in done], kind="client",
+                     batch=len(reqs), failed=len(reqs) - len(done))
+        bad = [req.name for req in reqs if outcomes[req.name] is not None]
+        if bad:
+            audit.record(pki, "add-client", names=bad, serials=[rows[n].serial for n in bad], result="failed",
+                         error=f"issued, but the bundle failed: {outcomes[bad[0]]}", kind="client", batch=len(reqs),
+                         issued=True)
 
     for req in reqs:
         files, row = ClientFiles(req.name), rows[req.name]

@@ -11,12 +11,16 @@ import os
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from mtlsctl import audit
 from mtlsctl.errors import InputError, StateError
 from mtlsctl.files import MODE_PUBLIC, Transaction, atomic_write, fsync_dir, normalize_modes, pki_lock, protect_database
 from mtlsctl.pki import Pki
-from mtlsctl.profile import Profile
 from mtlsctl.runner import Command, Runner
+
+if TYPE_CHECKING:  # annotations only: the profile's models mean pydantic (start-up)
+    from mtlsctl.profile import Profile
 
 CLOCK_SKEW = timedelta(minutes=5)
 CRL_TMP = "crl/.ca.crl.tmp"
@@ -215,10 +219,13 @@ def refresh_crl(pki: Pki, profile: Profile, runner: Runner, *, if_due: bool, now
         if if_due and not is_due(current, profile.crl.refresh_within_days, now, pki):
             assert current is not None
             return CrlResult(False, current)
-        with Transaction(pki.root) as tx:
+        with audit.failures_recorded(pki, "crl", if_due=if_due), Transaction(pki.root) as tx:
             generate_crl(pki, profile.crl.days, runner, tx, now)
             info = read_crl_info(pki, runner)
             tx.checkpoint()
+        assert info is not None
+        audit.record(pki, "crl", crl_number=info.crl_number, next_update=f"{info.next_update:%Y-%m-%dT%H:%M:%SZ}",
+                     revoked=info.revoked, if_due=if_due)
     assert info is not None
     return CrlResult(True, info)
 
@@ -263,8 +270,11 @@ def refresh_root_crl(pki: Pki, profile: Profile, runner: Runner, root_key: str |
                          hint="bring it back by path: mtlsctl crl --root --root-key /media/usb/root.key")
     if root_key is not None and not os.path.isfile(root_key):
         raise InputError(f"--root-key {root_key} does not exist")
-    with pki_lock(pki.lock_path), Transaction(pki.root) as tx:
-        generate_root_crl(pki, profile.ca.intermediate.root_crl_days, runner, tx, now, root_key)
-    info = read_root_crl_info(pki, runner)
-    assert info is not None
+    with pki_lock(pki.lock_path):
+        with audit.failures_recorded(pki, "crl", root=True), Transaction(pki.root) as tx:
+            generate_root_crl(pki, profile.ca.intermediate.root_crl_days, runner, tx, now, root_key)
+        info = read_root_crl_info(pki, runner)
+        assert info is not None
+        audit.record(pki, "crl", root=True, crl_number=info.crl_number, next_update=f"{info.next_update:%Y-%m-%dT%H:%M:%SZ}",
+                     revoked=info.revoked, root_offline=root_key is not None)
     return info

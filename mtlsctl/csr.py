@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
-from mtlsctl import db, openssl, validate, x509read
+from mtlsctl import audit, db, openssl, validate, x509read
 from mtlsctl.client import extensions_section, refuse_conflicts, require_section, retired_first, sign_into_database
 from mtlsctl.errors import InputError, StateError
 from mtlsctl.files import MODE_PUBLIC, Transaction, atomic_write, pki_lock, read_lock
@@ -373,9 +373,13 @@ def sign_csr(settings: Settings, csr_path: Path, name: str, days: int | None, ru
     with read_lock(pki.root, writer=True):
         refuse_conflicts(pki, name)  # exit 2 before the lock; again under it below
     # retired_first: a revoked/expired predecessor's files (an old key too) go to archive/NAME/SERIAL/ first
-    with pki_lock(pki.lock_path), retired_first(pki, [name]), Transaction(pki.root) as tx:
+    with pki_lock(pki.lock_path), audit.failures_recorded(pki, "sign-csr", names=[name]), retired_first(pki, [name]), \
+            Transaction(pki.root) as tx:
         refuse_conflicts(pki, name)
         tx.created(pki.path(files.csr))
         atomic_write(pki.path(files.csr), review.pem, MODE_PUBLIC)  # what renew re-signs: the reviewed request
         row = sign_reviewed(settings, review, files.crt, days, runner, tx)
+        tx.checkpoint()
+        audit.record(pki, "sign-csr", names=[name], serials=[row.serial], kind="client", days=days,
+                     sans=",".join(review.sans)[:300] or None, source=str(csr_path)[:300])
     return SignResult(name, row.serial, row.expires, review.sans, pki.path(files.csr), pki.path(files.crt), review.not_copied)

@@ -3,14 +3,22 @@
 Each line has six tab-separated fields (see `openssl ca`, "the index file"):
 status (V valid, R revoked, E expired), expiry (YYMMDDHHMMSSZ, or YYYYMMDDHHMMSSZ from 2050),
 revocation date[,reason] (empty unless R), serial (hex), file name ("unknown"), subject DN.
+
+The database is read lazily, one line at a time (`iter_index`, `scan_index`): a fleet of 100,000 devices is a
+7 MB index.txt, and no reader holds all of its rows at once unless it asks for a list (`read_index`). Nothing in
+it is trusted: a row openssl would not write (wrong field count, a date that is not a time, a serial that is not
+hex, a line longer than MAX_LINE_BYTES) stops the reader with a StateError naming the line, never a traceback.
 """
 
 from __future__ import annotations
 
+import os
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import NamedTuple
 
 from mtlsctl.errors import StateError
 
@@ -49,12 +57,47 @@ def newcerts_serials(directory: Path) -> set[str]:
     return out
 
 
+_MONTH_DAYS = (31, 29, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31)
+# The fixed-width digits openssl writes: month 01-12, day 01-31, hour 00-23, minutes and seconds 00-59.
+_TIME_DIGITS = r"(?:\d\d|\d{4})(?:0[1-9]|1[0-2])(?:0[1-9]|[12]\d|3[01])(?:[01]\d|2[0-3])[0-5]\d[0-5]\d"
+_TIME_RE = re.compile(_TIME_DIGITS + "Z", re.ASCII)
+
+
+def time_key(text: str) -> str | None:
+    """An index.txt time as 14 digits YYYYMMDDHHMMSS (UTCTime's 50..99 are 19xx), or None when `text` is not
+    a time openssl writes (UTCTime YYMMDDHHMMSSZ or GeneralizedTime YYYYMMDDHHMMSSZ, a real calendar date).
+
+    Keys compare as the times do: scans decide "expired" or "due" on them without building a datetime."""
+    return _key_of(text) if _TIME_RE.fullmatch(text) else None
+
+
+def _key_of(text: str) -> str | None:
+    """time_key of a text already known to have the digits of _TIME_RE: the century, the calendar."""
+    key = (("19" if text[0] >= "5" else "20") + text[:12]) if len(text) == 13 else text[:14]
+    if key[6:8] > "28":  # the 29th-31st: does this month have that day?
+        year, month, day = int(key[:4]), int(key[4:6]), int(key[6:8])
+        if day > _MONTH_DAYS[month - 1] or (month == 2 and day == 29 and not (year % 4 == 0 and (year % 100 != 0 or year % 400 == 0))):
+            return None
+    return key if key[:4] != "0000" else None
+
+
+def key_time(key: str) -> datetime:
+    """The datetime (UTC) of a time_key (ISO 8601's basic form, which datetime parses in C)."""
+    return datetime.fromisoformat(f"{key[:8]}T{key[8:]}Z")
+
+
+def now_key(when: datetime) -> str:
+    """A moment as a time_key, to compare with rows' keys: `row > now_key(t)` exactly when the row's time is after
+    t (index.txt times are whole seconds, so t's fraction of a second never decides)."""
+    return f"{when.astimezone(timezone.utc):%Y%m%d%H%M%S}"
+
+
 def parse_asn1_time(text: str) -> datetime:
-    """UTCTime (YYMMDDHHMMSSZ; 50..99 means 19xx) or GeneralizedTime (YYYYMMDDHHMMSSZ)."""
-    if len(text) == 13:
-        year = int(text[:2])
-        text = ("19" if year >= 50 else "20") + text
-    return datetime.strptime(text, "%Y%m%d%H%M%SZ").replace(tzinfo=timezone.utc)
+    """UTCTime (YYMMDDHHMMSSZ; 50..99 means 19xx) or GeneralizedTime (YYYYMMDDHHMMSSZ); ValueError otherwise."""
+    key = time_key(text)
+    if key is None:
+        raise ValueError(f"{text[:40]!r} is not an ASN.1 time as openssl writes it")
+    return key_time(key)
 
 
 @dataclass(frozen=True)
@@ -69,10 +112,7 @@ class IndexRow:
     @property
     def cn(self) -> str | None:
         """The last CN= in the subject (/C=ES/.../CN=name)."""
-        for part in reversed(self.subject.split("/")):
-            if part.startswith("CN="):
-                return part[3:]
-        return None
+        return cn_of(self.subject)
 
     def is_active(self, now: datetime | None = None) -> bool:
         """Valid in the database and not yet past its notAfter (openssl leaves expired rows V)."""
@@ -83,7 +123,21 @@ class IndexRow:
 _RFC2253_SPECIAL = frozenset(',+"\\<>;')
 
 
+# A subject of plain printable ASCII values, none of which RFC 2253 escapes: `/CN=dev-00042/O=Example Org`.
+_PLAIN_SUBJECT_RE = re.compile(r'(?:/[A-Za-z0-9.]+=[^/\\+,"<>;\x00-\x1f\x7f-\U0010ffff]*)+')
+
+
 def rfc2253(oneline: str) -> str:
+    """index.txt's subject in RFC 2253 form (see _rfc2253); a plain subject (the common case) without the
+    byte-by-byte walk: its RDNs reversed and joined, the result _rfc2253 gives (tests/test_scale.py compares them)."""
+    if _PLAIN_SUBJECT_RE.fullmatch(oneline):
+        parts = oneline[1:].split("/")
+        if all(not (value := part.partition("=")[2]) or (value[0] not in "# " and value[-1] != " ") for part in parts):
+            return ",".join(reversed(parts))
+    return _rfc2253(oneline)
+
+
+def _rfc2253(oneline: str) -> str:
     """index.txt's subject (`/C=ES/O=Org/CN=x`, openssl's X509_NAME_oneline) in RFC 2253 form, exactly as
     nginx's $ssl_client_s_dn and `openssl x509 -nameopt RFC2253` show it: `CN=x,O=Org,C=ES`.
 
@@ -134,35 +188,171 @@ def rfc2253(oneline: str) -> str:
     return ",".join(out)
 
 
+MAX_LINE_BYTES = 64 * 1024  # an openssl ca row is a few hundred bytes; a longer line is not one (nor read whole)
+
+# A row as openssl writes it: status, expiry, [revocation date[,reason]], serial (upper-case hex), file, subject.
+_ROW_RE = re.compile(rf"([VRE])\t({_TIME_DIGITS}Z)\t(?:({_TIME_DIGITS}Z)(?:,([^\t]*))?)?\t([0-9A-F]+)\t([^\t]*)\t([^\t]*)",
+                     re.ASCII)
+
+
+class IndexLine(NamedTuple):
+    """One row of index.txt, checked but not turned into objects (scans: list, renew): every value that is
+    an IndexRow field is here as text, the times as time_keys."""
+
+    lineno: int
+    status: str
+    expires: str  # time_key
+    revoked: str | None  # time_key of the revocation date
+    reason: str | None
+    serial: str  # normalised (normalize_serial)
+    subject: str
+
+    @property
+    def cn(self) -> str | None:
+        return cn_of(self.subject)
+
+    def row(self) -> IndexRow:
+        return IndexRow(self.status, key_time(self.expires), key_time(self.revoked) if self.revoked else None,
+                        self.reason, self.serial, self.subject)
+
+
+def cn_of(subject: str) -> str | None:
+    """The last CN= in a oneline subject (/C=ES/.../CN=name), as IndexRow.cn."""
+    for part in reversed(subject.split("/")):
+        if part.startswith("CN="):
+            return part[3:]
+    return None
+
+
+def _refused(source: str, lineno: int, what: str) -> StateError:
+    return StateError(f"{source} line {lineno} {what}", hint="restore index.txt from index.txt.old or a backup")
+
+
+def check_line(line: str, lineno: int, source: str = "index.txt") -> IndexLine:
+    """One line of index.txt, checked field by field (StateError naming the line and what is wrong)."""
+    match = _ROW_RE.fullmatch(line)
+    if match is not None:  # the shape openssl writes; only the calendar and the serial's spelling are left to check
+        status, expiry, revoked, why, serial, _filename, subject = match.groups()
+        expires = _key_of(expiry)
+        revoked_key = _key_of(revoked) if revoked else None
+        if expires is not None and (revoked is None or revoked_key is not None):
+            if len(serial) % 2 or serial.startswith("00"):
+                serial = normalize_serial(serial)
+            return IndexLine(lineno, status, expires, revoked_key, (why or "unspecified") if revoked else None, serial, subject)
+    return _check_slowly(line, lineno, source)
+
+
+def _check_slowly(line: str, lineno: int, source: str) -> IndexLine:
+    """A line that is not in openssl's exact shape: accepted as before (a lower-case or space-padded serial),
+    or refused with the reason."""
+    fields = line.split("\t")
+    if len(fields) != 6:
+        raise _refused(source, lineno, f"has {len(fields)} tab-separated fields, not 6: it is not an openssl ca database row")
+    status, expiry, revocation, serial, _filename, subject = fields
+    if status not in ("V", "R", "E"):
+        raise _refused(source, lineno, f"has the status {status[:20]!r} (not V, R or E): it is not an openssl ca database row")
+    expires = time_key(expiry)
+    if expires is None:
+        raise _refused(source, lineno, f"has the expiry {expiry[:40]!r}, a date openssl would not write")
+    revoked = reason = None
+    if revocation:
+        date, _, why = revocation.partition(",")
+        revoked = time_key(date)
+        if revoked is None:
+            raise _refused(source, lineno, f"has the revocation date {date[:40]!r}, a date openssl would not write")
+        reason = why or "unspecified"
+    try:
+        serial = normalize_serial(serial)
+    except ValueError:
+        raise _refused(source, lineno, f"has the serial {serial[:40]!r}, which is not hex") from None
+    return IndexLine(lineno, status, expires, revoked, reason, serial, subject)
+
+
+_BLOCK = 1 << 18
+
+
+def index_lines(path: Path) -> Iterator[tuple[int, str]]:
+    """The non-blank lines of index.txt with their numbers, read lazily, a block of 256 kB at a time.
+
+    A line longer than MAX_LINE_BYTES is refused as soon as that much of it is read; bytes that are not
+    UTF-8 are replaced (openssl writes ASCII: its subjects escape everything else as \\xHH)."""
+    source = str(path)
+    lineno = 0
+    rest = b""
+    with open(path, "rb") as fh:
+        while block := fh.read(_BLOCK):
+            lines = block.split(b"\n")
+            del block  # one block's lines in memory at a time, whatever the size of the file
+            lines[0] = rest + lines[0]  # the line the last block ended in
+            rest = lines.pop()
+            if len(rest) > MAX_LINE_BYTES:
+                raise _refused(source, lineno + len(lines) + 1, f"is longer than {MAX_LINE_BYTES} bytes: "
+                               "it is not an openssl ca database row")
+            for raw in lines:
+                lineno += 1
+                if len(raw) > MAX_LINE_BYTES:
+                    raise _refused(source, lineno, f"is longer than {MAX_LINE_BYTES} bytes: it is not an openssl ca database row")
+                line = raw.decode("utf-8", "replace").removesuffix("\r")
+                if line and not line.isspace():
+                    yield lineno, line
+            del lines
+    line = rest.decode("utf-8", "replace").removesuffix("\r")
+    if line and not line.isspace():
+        yield lineno + 1, line
+
+
+def scan_index(path: Path) -> Iterator[IndexLine]:
+    """Every row of index.txt, lazily, checked but not parsed into datetimes (see IndexLine)."""
+    source = str(path)
+    match, new = _ROW_RE.fullmatch, tuple.__new__
+    for lineno, line in index_lines(path):
+        found = match(line)
+        if found is not None:  # the fast path of check_line, inline: 100,000 rows
+            status, expiry, revoked, why, serial, _filename, subject = found.groups()
+            expires = _key_of(expiry)
+            revoked_key = _key_of(revoked) if revoked else None
+            if expires is not None and (revoked is None or revoked_key is not None) and not (len(serial) % 2 or serial[:2] == "00"):
+                yield new(IndexLine, (lineno, status, expires, revoked_key, (why or "unspecified") if revoked else None,
+                                      serial, subject))
+                continue
+        yield check_line(line, lineno, source)
+
+
+def iter_index(path: Path) -> Iterator[IndexRow]:
+    """Every row of index.txt as an IndexRow, lazily, in the file's order (oldest first)."""
+    for line in scan_index(path):
+        yield line.row()
+
+
+def rows_with_serial(path: Path, serial: str) -> list[IndexRow]:
+    """The rows of index.txt with this serial (normalised), found without parsing the others: the check after
+    each `openssl ca` run, which at 100,000 rows would otherwise parse them all. Lines that do not hold the
+    serial as a field are skipped unread; the rows that do are checked like every row."""
+    wanted = normalize_serial(serial)
+    needle = wanted.lstrip("0")
+    source = str(path)
+    out = []
+    for lineno, line in index_lines(path):
+        if needle in line.upper() and (row := check_line(line, lineno, source)).serial == wanted:
+            out.append(row.row())
+    return out
+
+
 def parse_index(text: str, source: str = "index.txt") -> list[IndexRow]:
+    """The rows of an index.txt already in memory (the same checks as iter_index)."""
     rows = []
-    for lineno, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        fields = line.split("\t")
-        if len(fields) != 6 or fields[0] not in ("V", "R", "E"):
-            raise StateError(f"{source} line {lineno} is not an openssl ca database row",
-                             hint="restore index.txt from index.txt.old or a backup")
-        status, expiry, revocation, serial, _filename, subject = fields
-        revoked_at = reason = None
-        if revocation:
-            date, _, why = revocation.partition(",")
-            revoked_at = parse_asn1_time(date)
-            reason = why or "unspecified"
-        try:
-            serial = normalize_serial(serial)
-        except ValueError:
-            raise StateError(f"{source} line {lineno} has the serial {serial[:40]!r}, which is not hex",
-                             hint="restore index.txt from index.txt.old or a backup") from None
-        try:
-            rows.append(IndexRow(status, parse_asn1_time(expiry), revoked_at, reason, serial, subject))
-        except ValueError:
-            raise StateError(f"{source} line {lineno} has a date openssl would not write", hint="restore index.txt from a backup") from None
+    for lineno, line in enumerate(text.split("\n"), 1):
+        line = line.removesuffix("\r")
+        if len(line) > MAX_LINE_BYTES:
+            raise _refused(source, lineno, f"is longer than {MAX_LINE_BYTES} bytes: it is not an openssl ca database row")
+        if line.strip():
+            rows.append(check_line(line, lineno, source).row())
     return rows
 
 
 def read_index(path: Path) -> list[IndexRow]:
-    return parse_index(path.read_text(encoding="utf-8", errors="replace"), str(path))
+    """All rows of index.txt in a list: for callers that need them together (a few at a time: prefer iter_index)."""
+    return list(iter_index(path))
 
 
 def read_serial(path: Path) -> str:
@@ -194,7 +384,55 @@ def same_certificate(a: Path, b: Path) -> bool:
         ra, rb = a.read_bytes(), b.read_bytes()
     except FileNotFoundError:
         return False
+    return _same_pem(ra, rb)
+
+
+def _same_pem(ra: bytes, rb: bytes) -> bool:
     if ra == rb:  # `openssl ca -out` and newcerts/ hold the same bytes: no parsing needed
         return b"-----BEGIN CERTIFICATE-----" in ra
     pa, pb = pem_certificate(ra.decode(errors="replace")), pem_certificate(rb.decode(errors="replace"))
     return pa is not None and pa == pb
+
+
+MAX_CERT_FILE_BYTES = 1 << 20  # a certificate file is a few kB; a bigger one is not compared (it is not this one)
+
+
+def exists_at(dir_fd: int, rel: str) -> bool:
+    """Whether `rel` (relative to the open directory `dir_fd`) exists; one stat. A name the system refuses
+    (too long, a NUL byte: names come from index.txt, which is not trusted) does not."""
+    try:
+        return os.access(rel, os.F_OK, dir_fd=dir_fd)  # no exception for a missing file: most of 100,000 may be
+    except (OSError, ValueError):
+        return False
+
+
+def read_small_at(dir_fd: int, rel: str, limit: int = MAX_CERT_FILE_BYTES) -> bytes | None:
+    """The bytes of a file of at most `limit` bytes, relative to `dir_fd`, in one read; None for anything else:
+    missing, a directory, unreadable, bigger (a device), or a FIFO with a writer (opened non-blocking: it never
+    waits). Three system calls: at 100,000 names, each one counts."""
+    try:
+        fd = os.open(rel, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd)
+    except (OSError, ValueError):
+        return None
+    try:
+        data = os.read(fd, 16384)  # a regular file's read returns all it can up to the end (Linux, local files)
+        if len(data) == 16384:  # not a certificate's size: read on, up to the limit
+            chunks = [data]
+            while (size := sum(map(len, chunks))) <= limit and (chunk := os.read(fd, limit + 1 - size)):
+                chunks.append(chunk)
+            data = b"".join(chunks)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    return data if len(data) <= limit else None
+
+
+def same_certificate_at(dir_fd: int, a: str, b: str) -> bool:
+    """same_certificate for two paths relative to an open directory (`list`: one pair per name, 100,000 names),
+    two reads and no parsing when the bytes are equal."""
+    ra = read_small_at(dir_fd, a)
+    if ra is None:
+        return False
+    rb = read_small_at(dir_fd, b)
+    return rb is not None and _same_pem(ra, rb)

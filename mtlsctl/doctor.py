@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 
 from mtlsctl import db
+from mtlsctl.audit import AUDIT_FILE
 from mtlsctl.crl import CrlInfo, crl_info_from_file
 from mtlsctl.errors import MtlsError
 from mtlsctl.files import JOURNAL_DIR
@@ -50,7 +51,7 @@ def check_modes(settings: Settings) -> list[Finding]:
         if mode & 0o077:
             out.append(Finding("modes", "error", f"{path.relative_to(pki.root)} is mode {mode:o}: readable by group or others",
                                f"chmod {'400' if path.name == 'ca.key' else '600'} {path}"))
-    ours = [pki.root, *(p for p in pki.root.iterdir() if p.is_file())]
+    ours = [pki.root, *(p for p in pki.root.iterdir() if p.is_file() and p.name != AUDIT_FILE)]  # audit.log: check_audit_log
     for sub in DIRS:
         if pki.path(sub).is_dir():
             ours += [pki.path(sub), *pki.path(sub).rglob("*")]
@@ -271,6 +272,41 @@ def check_pending_reload(settings: Settings) -> list[Finding]:
                     "fix the cause, then mtlsctl nginx reload (every later revoke, crl or renew also retries it)")]
 
 
+def check_audit_log(settings: Settings) -> list[Finding]:
+    """<pki>/audit.log: a regular file of the PKI's owner, mode 600 (others could read who did what, or forge
+    lines when they can write it), and every line well-formed (a damaged or forged one is counted)."""
+    from mtlsctl.audit import read_log
+
+    pki = settings.pki
+    path = pki.path(AUDIT_FILE)
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return [Finding("audit", "ok", "no audit log yet (the first change writes audit.log)")]
+    if not stat.S_ISREG(st.st_mode):
+        return [Finding("audit", "error", f"{path} is not a regular file (a symbolic link?): changes are not recorded",
+                        f"move it away: mtlsctl creates {AUDIT_FILE} itself")]
+    out = []
+    owner = os.lstat(pki.root).st_uid
+    mode = stat.S_IMODE(st.st_mode)
+    if st.st_uid != owner:
+        out.append(Finding("audit", "error", f"{path} is owned by uid {st.st_uid}, the PKI by uid {owner}: its lines are "
+                           "not the PKI owner's to vouch for", f"check it, then chown {owner} {path}"))
+    if mode & 0o022:
+        out.append(Finding("audit", "error", f"{path} is mode {mode:o}: others can write (forge) lines", f"chmod 600 {path}"))
+    elif mode & 0o044:
+        out.append(Finding("audit", "warn", f"{path} is mode {mode:o}: readable by group or others (who changed what)",
+                           f"chmod 600 {path}"))
+    try:
+        problems = read_log(pki).problems
+    except (MtlsError, OSError) as exc:
+        problems = [getattr(exc, "message", None) or str(exc)]
+    if problems:
+        out.append(Finding("audit", "warn", f"{AUDIT_FILE} has {len(problems)} line(s) that are not well-formed "
+                           f"(damaged or forged; first: {problems[0]})", "mtlsctl log shows the rest; look at those lines"))
+    return out or [Finding("audit", "ok", f"{AUDIT_FILE} is mode 600, the PKI owner's, every line well-formed")]
+
+
 def run_doctor(settings: Settings, runner: Runner, now: datetime | None = None) -> list[Finding]:
     now = now or datetime.now(timezone.utc)
     settings.pki.require_ca()
@@ -283,5 +319,6 @@ def run_doctor(settings: Settings, runner: Runner, now: datetime | None = None) 
     findings += check_config(settings)
     findings += check_nginx(settings)
     findings += check_pending_reload(settings)
+    findings += check_audit_log(settings)
     return findings
 

@@ -10,11 +10,13 @@ import math
 import os
 import re
 import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
 from typing import TYPE_CHECKING
 
-from mtlsctl import db, openssl, validate
+from mtlsctl import audit, db, openssl, validate
 from mtlsctl.client import generate_password, write_fullchain
 from mtlsctl.crl import CrlInfo, gencrl_command, generate_crl, is_due, missing_revocations, read_crl_info, read_crl_info_or_none
 from mtlsctl.csr import check_renewal, read_request_file, review_request, sign_reviewed
@@ -114,7 +116,7 @@ def revoke_row(pki: Pki, row: db.IndexRow, why: str, runner: Runner, tx: Transac
     protect_database(pki.root, tx)
     runner.run(revoke_command(cert or cert_file(pki, row), why), cwd=pki.root)
     normalize_modes(pki.root, DB_FILES_WITH_BACKUPS)
-    after = [r for r in db.read_index(pki.path(pki.index)) if r.serial == row.serial]
+    after = db.rows_with_serial(pki.path(pki.index), row.serial)
     if len(after) != 1 or after[0].status != "R":
         raise StateError(f"openssl ca exited 0 but serial {row.serial} is not revoked in index.txt",
                          hint="the database was restored; run the command again")
@@ -171,7 +173,9 @@ def revoke(settings: Settings, *, name: str | None, serial_hex: str | None, why:
     pki.require_ca()
     with read_lock(pki.root, writer=True):
         select_for_revoke(pki, name, serial_hex)  # unknown name/serial: exit 2 before the lock
-    with pki_lock(pki.lock_path), Transaction(pki.root) as tx:
+    with pki_lock(pki.lock_path), audit.failures_recorded(pki, "revoke", names=[name] if name else (),
+                                                          serials=[serial_hex] if serial_hex else (), reason=why), \
+            Transaction(pki.root) as tx:
         rows = select_for_revoke(pki, name, serial_hex)
         todo = [r for r in rows if r.status == "V" and r.is_active(now)]
         already = [r.serial for r in rows if r.status == "R"]
@@ -185,6 +189,10 @@ def revoke(settings: Settings, *, name: str | None, serial_hex: str | None, why:
             generate_crl(pki, settings.profile.crl.days, runner, tx, now)
             crl = read_crl_info(pki, runner)
         tx.checkpoint()
+        if todo or crl is not None:  # a change (after its commit): the revocation, or the CRL that now lists it
+            audit.record(pki, "revoke", names=sorted({r.cn for r in rows if r.cn}), serials=[r.serial for r in todo],
+                         reason=why, already_revoked=len(already),
+                         crl_number=crl.crl_number if crl is not None else None)
     return RevokeResult([r.serial for r in todo], already, expired, crl)
 
 
@@ -307,7 +315,7 @@ def replace(settings: Settings, req: IssueRequest, why: str, runner: Runner, now
         pki.require_ca()
         _replace_targets(pki, name, now or datetime.now(timezone.utc))
         refuse_conflicts(pki, name, replacing=True)
-    with pki_lock(pki.lock_path):
+    with pki_lock(pki.lock_path), audit.failures_recorded(pki, "replace", names=[name], reason=why):
         now = now or datetime.now(timezone.utc)
         old = _replace_targets(pki, name, now)  # again, under the lock: exactly these are revoked below
         problems: list[str] = []
@@ -339,6 +347,9 @@ def replace(settings: Settings, req: IssueRequest, why: str, runner: Runner, now
                 problems.append(f"serial {', '.join(revoked)} is revoked in index.txt, but the CRL was not regenerated, "
                                 f"so nginx still accepts it: {exc.message}")
                 todo.append("mtlsctl crl")
+        audit.record(pki, "replace", names=[name], serials=[issued.serial, *revoked], result="failed" if problems else "ok",
+                     error=problems[0] if problems else None, reason=why, kind=req.kind, new_serial=issued.serial,
+                     not_revoked=len(old) - len(revoked), crl_number=crl.crl_number if crl is not None else None)
     return ReplaceResult(name, req.kind, why, issued, [r.serial for r in old], revoked, crl, problems, todo)
 
 
@@ -366,37 +377,122 @@ class CertEntry:
         }
 
 
+# Which row is each name's newest, found without a dictionary of every name: a fixed bitmap (1 MB) remembers
+# the names seen; a name whose bit is already set may repeat and gets an exact entry (its last line). A name
+# seen once never does, so the entries are the repeated names plus ~1 % of the others at 100,000 rows.
+_SEEN_BITS = 1 << 23
+
+
+class _SeenNames:
+    """Names seen so far, in fixed memory: `again(name)` is True for every name seen before, and (rarely,
+    a shared bit) for a new one; False means certainly new."""
+
+    def __init__(self) -> None:
+        self._bits = bytearray(_SEEN_BITS // 8)
+
+    def again(self, name: str) -> bool:
+        h = hash(name) & (_SEEN_BITS - 1)
+        byte, bit = h >> 3, 1 << (h & 7)
+        if self._bits[byte] & bit:
+            return True
+        self._bits[byte] |= bit
+        return False
+
+
+def _line_status(line: db.IndexLine, now_key: str, soon_key: str) -> str:
+    """status_of, on a scanned row's time keys (soon_key: now + renew.within_days)."""
+    if line.status == "R":
+        return "revoked"
+    if line.status != "V" or line.expires <= now_key:
+        return "expired"
+    return "expiring" if line.expires <= soon_key else "valid"
+
+
+class Inventory:
+    """What `list` shows, read from index.txt in two passes and never held whole (a fleet is 100,000 rows).
+
+    Building it is the first pass: every row is checked (a row openssl would not write stops the command
+    here, before anything is printed), the matching rows are counted with the width of their names, and the
+    names that appear more than once are found (the files belong to a name's newest row). Iterating it is the
+    second pass: one CertEntry per matching row, oldest first, each made as it is read, with its files
+    checked by a stat of each (a certificate file is read only to compare it with newcerts/SERIAL.pem).
+    Iterate it under the PKI's read lock, as `list` does: the two passes must see the same index.txt.
+    """
+
+    def __init__(self, settings: Settings, *, status: str | None = None, expiring_within: int | None = None,
+                 now: datetime | None = None, with_files: bool = True) -> None:
+        if status is not None and status not in STATUSES:
+            raise InputError(f"--status {status!r} is not a status", hint="use " + ", ".join(STATUSES))
+        self.pki = settings.pki
+        self.pki.require_ca()
+        self.status, self.with_files = status, with_files
+        self.now = now or datetime.now(timezone.utc)
+        self._now_key = db.now_key(self.now)
+        self._soon_key = db.now_key(self.now + timedelta(days=settings.facts.renew_within_days))
+        self._within_key = (db.now_key(self.now + timedelta(days=expiring_within))
+                            if expiring_within is not None else None)
+        self.count = 0  # the rows that match
+        self.name_width = 0  # the longest name among them
+        self._last_line: dict[str, int] = {}  # name -> its newest row's line, for names that may repeat
+        seen = _SeenNames()
+        for line in db.scan_index(self.pki.path(self.pki.index)):
+            cn = line.cn
+            if cn and seen.again(cn):
+                self._last_line[cn] = line.lineno
+            if self._matches(line) is not None:
+                self.count += 1
+                self.name_width = max(self.name_width, len(cn or ""))
+
+    def _matches(self, line: db.IndexLine) -> str | None:
+        """The row's status when it passes --status and --expiring-within, else None."""
+        st = _line_status(line, self._now_key, self._soon_key)
+        if self.status is not None and st != self.status:
+            return None
+        if self._within_key is not None and not (st in ("valid", "expiring") and line.expires <= self._within_key):
+            return None
+        return st
+
+    def __iter__(self) -> Iterator[CertEntry]:
+        dir_fd = os.open(self.pki.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC) if self.with_files else None
+        try:
+            for line in db.scan_index(self.pki.path(self.pki.index)):
+                st = self._matches(line)
+                if st is None:
+                    continue
+                expires = db.key_time(line.expires)
+                name = line.cn or ""
+                files: list[str] = []
+                if dir_fd is not None and name and self._last_line.get(name, line.lineno) == line.lineno:
+                    files = _files_of(dir_fd, name, line.serial)
+                yield CertEntry(name, line.serial, st, expires, days_left(expires, self.now),
+                                db.key_time(line.revoked) if line.revoked else None, line.reason, db.rfc2253(line.subject),
+                                files)
+        finally:
+            if dir_fd is not None:
+                os.close(dir_fd)
+
+
+def _files_of(dir_fd: int, name: str, serial: str) -> list[str]:
+    """The files a name's newest row has (key, csr, crt, p12 in that order): each one's existence is a stat;
+    certs/NAME.crt counts when it holds this serial's certificate (db.same_certificate_at)."""
+    cf = ClientFiles(name)
+    files = [rel for rel in (cf.key, cf.csr, cf.p12) if db.exists_at(dir_fd, rel)]
+    if db.same_certificate_at(dir_fd, cf.crt, f"newcerts/{serial}.pem"):
+        files.insert(2, cf.crt)
+    return files
+
+
+def inventory(settings: Settings, *, status: str | None = None, expiring_within: int | None = None,
+              now: datetime | None = None, with_files: bool = True) -> Inventory:
+    """`mtlsctl list`: the rows of index.txt that match, as an Inventory to iterate (see there)."""
+    return Inventory(settings, status=status, expiring_within=expiring_within, now=now, with_files=with_files)
+
+
 def list_certs(settings: Settings, *, status: str | None = None, expiring_within: int | None = None,
-               now: datetime | None = None) -> list[CertEntry]:
-    """Every certificate in index.txt, oldest first, with the files that exist for it."""
-    pki = settings.pki
-    now = now or datetime.now(timezone.utc)
-    pki.require_ca()
-    rows = db.read_index(pki.path(pki.index))
-    latest: dict[str, str] = {}
-    for row in rows:
-        if row.cn:
-            latest[row.cn] = row.serial
-    out = []
-    if status is not None and status not in STATUSES:
-        raise InputError(f"--status {status!r} is not a status", hint="use " + ", ".join(STATUSES))
-    window = settings.profile.renew.within_days
-    for row in rows:
-        st = status_of(row, now, window)
-        if status is not None and st != status:
-            continue
-        if expiring_within is not None and not (st in ("valid", "expiring") and row.expires <= now + timedelta(days=expiring_within)):
-            continue
-        name = row.cn or ""
-        files: list[str] = []
-        if name and latest.get(name) == row.serial:
-            cf = ClientFiles(name)
-            files = [rel for rel in (cf.key, cf.csr, cf.p12) if pki.path(rel).exists()]
-            if db.same_certificate(pki.path(cf.crt), pki.path(f"newcerts/{row.serial}.pem")):
-                files.insert(2, cf.crt)
-        out.append(CertEntry(name, row.serial, st, row.expires, days_left(row.expires, now), row.revoked_at,
-                             row.reason, db.rfc2253(row.subject), files))
-    return out
+               now: datetime | None = None, with_files: bool = True) -> list[CertEntry]:
+    """Every certificate in index.txt, oldest first, with the files that exist for it (`with_files`; without,
+    index.txt alone is read: `metrics` at thousands of certificates). A list: iterate `inventory` to stream."""
+    return list(inventory(settings, status=status, expiring_within=expiring_within, now=now, with_files=with_files))
 
 
 def ca_not_after(pki: Pki, runner: Runner | None = None) -> datetime:
@@ -461,6 +557,49 @@ def superseded_rows(rows: list[db.IndexRow], now: datetime) -> list[db.IndexRow]
     """Valid rows that a newer valid row of the same name replaces (left by an interrupted renewal)."""
     newest = {row.cn: row for row in due_for_renewal(rows, 36500, now)}
     return [row for row in rows if row.cn in newest and row.is_active(now) and row.serial != newest[row.cn].serial]
+
+
+def due_in_index(index: Path, within_days: int, now: datetime) -> list[db.IndexRow]:
+    """due_for_renewal over index.txt read as a stream (renew, every night, over 100,000 rows): a row becomes
+    an IndexRow only when it is valid and ends within the window. When none does, that one pass is all; when
+    some do, a second pass drops a name that also has a valid certificate ending after the window (its newest).
+
+    Same rows, same order: a name is due only when all its valid rows end within the window, so its first
+    valid row is its first row inside the window, where due_for_renewal's dictionary placed it."""
+    now_key, horizon = db.now_key(now), db.now_key(now + timedelta(days=within_days))
+    found: dict[str, db.IndexLine] = {}
+    for line in db.scan_index(index):
+        if line.status == "V" and now_key < line.expires <= horizon and (cn := line.cn):
+            held = found.get(cn)
+            if held is None or line.expires >= held.expires:
+                found[cn] = line
+    if found:
+        for line in db.scan_index(index):
+            if line.status == "V" and line.expires > horizon and (cn := line.cn) in found:
+                del found[cn]
+    return [line.row() for line in found.values()]
+
+
+def superseded_in_index(index: Path, now: datetime) -> list[db.IndexRow]:
+    """superseded_rows over index.txt read as a stream: the names with more than one valid row are found in
+    fixed memory (_SeenNames); only when there are some does a second pass pick their rows."""
+    now_key, horizon = db.now_key(now), db.now_key(now + timedelta(days=36500))
+    seen, repeated = _SeenNames(), set()
+    for line in db.scan_index(index):
+        if line.status == "V" and line.expires > now_key and (cn := line.cn) and seen.again(cn):
+            repeated.add(cn)
+    if not repeated:
+        return []
+    active: list[db.IndexLine] = []
+    newest: dict[str, db.IndexLine] = {}
+    for line in db.scan_index(index):
+        if line.status == "V" and line.expires > now_key and (cn := line.cn) in repeated:
+            active.append(line)
+            held = newest.get(cn)
+            if held is None or line.expires >= held.expires:
+                newest[cn] = line
+    return [line.row() for line in active
+            if newest[line.cn or ""].expires <= horizon and line.serial != newest[line.cn or ""].serial]
 
 
 def _archive_name(pki: Pki, crt: str, now: datetime) -> str:
@@ -550,7 +689,7 @@ def _renew_one(settings: Settings, row: db.IndexRow, days: int, now: datetime, r
         tx.checkpoint()  # the new certificate is issued: keep it whatever happens next
     result = Renewed(name, row.serial, new_row.serial, new_row.expires, archived)
     problems = []
-    if settings.profile.renew.revoke_superseded:
+    if settings.facts.renew_revoke_superseded:
         try:
             with Transaction(pki.root) as tx:
                 revoke_row(pki, row, "superseded", runner, tx, cert=archived)
@@ -612,20 +751,24 @@ def renew(settings: Settings, *, within_days: int | None = None, days: int | Non
 
     One failing certificate does not stop the others; the CRL is regenerated once per run.
     """
-    pki, profile = settings.pki, settings.profile
+    pki, facts = settings.pki, settings.facts  # the profile's few values this needs (no pydantic when cached)
     now = now or datetime.now(timezone.utc)
-    within = validate.days(within_days if within_days is not None else profile.renew.within_days, what="--within")
-    new_days = validate.days(days if days is not None else profile.renew.days)
+    within = validate.days(within_days if within_days is not None else facts.renew_within_days, what="--within")
+    new_days = validate.days(days if days is not None else facts.renew_days)
     pki.require_ca()
     report = RenewReport()
     if dry_run:
         with read_lock(pki.root):
-            report.due = due_for_renewal(db.read_index(pki.path(pki.index)), within, now)
+            report.due = due_in_index(pki.path(pki.index), within, now)
             report.crl = read_crl_info_or_none(pki, runner)
-        report.crl_regenerated = bool(report.due) or is_due(report.crl, profile.crl.refresh_within_days, now, pki)
+        report.crl_regenerated = bool(report.due) or is_due(report.crl, facts.crl_refresh_within_days, now, pki)
         return report
-    with pki_lock(pki.lock_path):
-        report.due = due_for_renewal(db.read_index(pki.path(pki.index)), within, now)
+    from mtlsctl.metrics import renew_run_recorded
+
+    # The run is remembered as it ends (metrics: the last renew run, even one with nothing due); the audit log
+    # gets its changes once they are committed, and a run that stops on an error a "failed" line.
+    with pki_lock(pki.lock_path), renew_run_recorded(pki, report), audit.failures_recorded(pki, "renew"):
+        report.due = due_in_index(pki.path(pki.index), within, now)
         for row in report.due:
             try:
                 report.renewed.append(_renew_one(settings, row, new_days, now, runner))
@@ -634,10 +777,10 @@ def renew(settings: Settings, *, within_days: int | None = None, days: int | Non
                 report.failed.append(RenewFailure(exc.result.name, exc.result.old_serial, exc.message))
             except MtlsError as exc:
                 report.failed.append(RenewFailure(row.cn or "", row.serial, exc.message))
-        if profile.renew.revoke_superseded:
+        if facts.renew_revoke_superseded:
             # A renewal interrupted between issuing the new certificate and revoking the old one (or whose
             # revocation failed above) is finished here: an older valid certificate of a renewed name goes.
-            for row in superseded_rows(db.read_index(pki.path(pki.index)), now):
+            for row in superseded_in_index(pki.path(pki.index), now):
                 try:
                     with Transaction(pki.root) as tx:
                         revoke_row(pki, row, "superseded", runner, tx)
@@ -646,14 +789,31 @@ def renew(settings: Settings, *, within_days: int | None = None, days: int | Non
                 except MtlsError as exc:
                     report.failed.append(RenewFailure(row.cn or "", row.serial, f"superseded, not revoked: {exc.message}"))
         current = read_crl_info_or_none(pki, runner)
-        if report.renewed or report.superseded or is_due(current, profile.crl.refresh_within_days, now, pki):
+        if report.renewed or report.superseded or is_due(current, facts.crl_refresh_within_days, now, pki):
             with Transaction(pki.root) as tx:
-                generate_crl(pki, profile.crl.days, runner, tx, now)
+                generate_crl(pki, settings.profile.crl.days, runner, tx, now)
                 tx.checkpoint()
             report.crl_regenerated = True
             current = read_crl_info(pki, runner)
         report.crl = current
+        _audit_renew(pki, report)
     return report
+
+
+def _audit_renew(pki: Pki, report: RenewReport) -> None:
+    """A renew run's lines: what it renewed (names and new serials, in the same order), what failed, and a CRL
+    regenerated because it was due. A run that changed nothing writes none (metrics remembers every run)."""
+    if report.renewed or report.superseded:
+        audit.record(pki, "renew", names=[r.name for r in report.renewed], serials=[r.new_serial for r in report.renewed],
+                     renewed=len(report.renewed), old_serials=",".join(r.old_serial for r in report.renewed)[:300] or None,
+                     superseded_revoked=",".join(report.superseded)[:300] or None, failed=len(report.failed),
+                     crl_number=report.crl.crl_number if report.crl_regenerated and report.crl else None)
+    if report.failed:
+        audit.record(pki, "renew", names=[f.name for f in report.failed if f.name], serials=[f.serial for f in report.failed],
+                     result="failed", error=report.failed[0].error, failed=len(report.failed))
+    if report.crl_regenerated and not (report.renewed or report.superseded) and report.crl is not None:
+        audit.record(pki, "crl", crl_number=report.crl.crl_number, next_update=f"{report.crl.next_update:%Y-%m-%dT%H:%M:%SZ}",
+                     by="renew")
 
 
 # ------------------------------------------------------------------ verify

@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from mtlsctl.pki import Pki
-from mtlsctl.profile import KeySpec, Profile
 from mtlsctl.runner import Command
 from mtlsctl.templates import render_file
+
+if TYPE_CHECKING:  # annotations only: importing the profile's models means importing pydantic (start-up)
+    from mtlsctl.profile import KeySpec, Profile
 
 CNF = "openssl.cnf"
 

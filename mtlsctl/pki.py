@@ -13,8 +13,10 @@ from mtlsctl.errors import InputError
 
 if TYPE_CHECKING:
     from mtlsctl.profile import Profile
+    from mtlsctl.profile_file import Facts, ProfileSource
 
 PROFILE_NAME = "mtls.yaml"
+DEFAULT_PKI_DIR = "/etc/nginx/pki"
 LOCK_NAME = ".mtlsctl.lock"
 DIRS = ("ca", "certs", "crl", "private", "newcerts")
 # The openssl ca database: copied aside before each `openssl ca` run and restored if it fails.
@@ -178,13 +180,37 @@ class Pki:
             )
 
 
-@dataclass(frozen=True)
 class Settings:
-    """What every command works on: the PKI directory and the validated profile."""
+    """What every command works on: the PKI directory and the validated profile.
 
-    pki: Pki
-    profile: Profile
-    profile_source: str  # a path, or "built-in defaults"
+    `facts` holds the few profile values the frequent commands read (list, renew, the CRL refresh); `profile`,
+    the whole validated model, is built on first use when the run took the profile from the cache
+    (mtlsctl/profile_file.py) — a run that never asks for it never imports pydantic.
+    """
+
+    __slots__ = ("_source", "pki", "profile_source")
+
+    def __init__(self, pki: Pki, profile: Profile | ProfileSource, profile_source: str) -> None:
+        from mtlsctl.profile_file import ProfileSource
+
+        self.pki = pki
+        self._source = profile if isinstance(profile, ProfileSource) else ProfileSource.of(profile)
+        self.profile_source = profile_source  # a path, or "built-in defaults"
+
+    @property
+    def profile(self) -> Profile:
+        return self._source.profile
+
+    @property
+    def facts(self) -> Facts:
+        return self._source.facts
+
+    @property
+    def profile_loaded(self) -> bool:
+        return self._source.loaded
+
+    def __repr__(self) -> str:
+        return f"Settings(pki={self.pki!r}, profile_source={self.profile_source!r})"
 
 
 def resolve_settings(
@@ -196,7 +222,7 @@ def resolve_settings(
     Profile: --profile > MTLSCTL_PROFILE > <pki-dir>/mtls.yaml > built-in defaults (the guide's values).
     (Typer already folds the environment variables into the options; `environ` is for library callers.)
     """
-    from mtlsctl.profile import DEFAULT_PKI_DIR, default_profile, load_profile
+    from mtlsctl.profile_file import default_source, open_profile
 
     env = os.environ if environ is None else environ
     if pki_dir is None and env.get("PKI_DIR"):
@@ -204,13 +230,13 @@ def resolve_settings(
     if profile_path is None and env.get("MTLSCTL_PROFILE"):
         profile_path = Path(env["MTLSCTL_PROFILE"])
 
-    profile: Profile | None = None
+    profile: ProfileSource | None = None
     source = "built-in defaults"
     if profile_path is not None:
-        profile = load_profile(profile_path)
+        profile = open_profile(profile_path)
         source = str(profile_path)
-        if pki_dir is None and profile.pki_dir:
-            given = Path(profile.pki_dir).expanduser()
+        if pki_dir is None and profile.facts.pki_dir:
+            given = Path(profile.facts.pki_dir).expanduser()
             pki_dir = given if given.is_absolute() else profile_path.parent / given
     root = validate.pki_dir(pki_dir if pki_dir is not None else Path(DEFAULT_PKI_DIR))
     if root.exists() and not root.is_dir():
@@ -218,8 +244,8 @@ def resolve_settings(
     if profile is None:
         candidate = root / PROFILE_NAME
         if candidate.exists():
-            profile = load_profile(candidate)
+            profile = open_profile(candidate)
             source = str(candidate)
         else:
-            profile = default_profile()
+            profile = default_source()
     return Settings(Pki(root), profile, source)

@@ -6,7 +6,6 @@ mapping keeps the defaults for what it leaves out; the built-in defaults are exa
 
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -15,8 +14,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from mtlsctl import validate
 from mtlsctl.errors import InputError, ProfileError
+from mtlsctl.pki import DEFAULT_PKI_DIR as DEFAULT_PKI_DIR  # where the PKI lives unless told
 
-DEFAULT_PKI_DIR = "/etc/nginx/pki"
 _M = TypeVar("_M", bound=BaseModel)
 
 
@@ -480,6 +479,143 @@ class PublishProfile(_Strict):
         return v
 
 
+# ------------------------------------------------------------------ deliver and mobileconfig (issue 15)
+
+DURATION_MIN_SECONDS = 10  # a person needs time to scan a QR code and tap through the prompts
+DURATION_MAX_SECONDS = 24 * 3600  # a one-time link is for now, not for tomorrow
+_DURATION_RE = re.compile(r"([1-9][0-9]{0,5})(s|m|h)")
+_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600}
+# A reverse-DNS identifier: two or more DNS labels (com.example.mtls); each label letters, digits and inner hyphens.
+_IDENTIFIER_RE = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)+")
+IDENTIFIER_PREFIX_MAX = 200
+
+
+def parse_duration(text: str) -> int:
+    """A duration as people write it ("90s", "10m", "1h") in seconds, within DURATION_MIN_SECONDS..DURATION_MAX_SECONDS.
+
+    Raises:
+        ValueError: not such a duration, or out of range.
+    """
+    m = _DURATION_RE.fullmatch(text)
+    if not m:
+        raise ValueError(f"{text!r} is not a duration such as 90s, 10m or 1h")
+    seconds = int(m.group(1)) * _DURATION_UNITS[m.group(2)]
+    if not DURATION_MIN_SECONDS <= seconds <= DURATION_MAX_SECONDS:
+        raise ValueError(f"{text!r} is out of range: from {DURATION_MIN_SECONDS}s to {DURATION_MAX_SECONDS // 3600}h")
+    return seconds
+
+
+def listen_address(text: str, *, explicit: bool) -> str:
+    """An IP literal to listen on, in its canonical form. The unspecified addresses (0.0.0.0, ::: every interface)
+    only when `explicit` (typed as --bind on the command line), never from a profile. Raises ValueError."""
+    import ipaddress
+
+    try:
+        addr = ipaddress.ip_address(text)
+    except ValueError:
+        raise ValueError(f"{text!r} is not an IP address (a name is not accepted: say which interface, e.g. 192.0.2.10)") from None
+    if getattr(addr, "scope_id", None):
+        raise ValueError(f"{text!r} has a zone (%{getattr(addr, 'scope_id', '')}); give a global or private address")
+    if addr.is_unspecified and not explicit:
+        raise ValueError(f"{text} listens on every interface; that is accepted only as --bind {text} on the command line")
+    return str(addr)
+
+
+def _profile_path(v: str | None) -> str | None:
+    """A file the profile names: absolute, or relative to the PKI directory; one printable line."""
+    if v is None:
+        return v
+    if not v or not all(c.isprintable() for c in v):
+        raise ValueError("must be a non-empty path without control characters")
+    if v.startswith("-"):
+        raise ValueError("must not start with '-' (write ./ before it)")
+    return v
+
+
+class DeliverProfile(_Strict):
+    """`mtlsctl deliver`: the one-time HTTPS link that hands a bundle to a device (docs/clients.md)."""
+
+    bind: str | None = Field(default=None, description="IP address deliver listens on; none by default (--bind or this "
+                             "is required); 0.0.0.0 and :: are refused here and accepted only as --bind")
+    port: int = Field(default=8443, ge=1, le=65535, description="TCP port deliver listens on; --port overrides")
+    valid_for: str = Field(default="10m", description="how long a link stays open unused: 90s, 10m, 1h (10s..24h); --for overrides")
+
+    @field_validator("bind")
+    @classmethod
+    def _bind(cls, v: str | None) -> str | None:
+        return None if v is None else listen_address(v, explicit=False)
+
+    @field_validator("valid_for")
+    @classmethod
+    def _valid_for(cls, v: str) -> str:
+        parse_duration(v)
+        return v
+
+
+class MobileconfigProfile(_Strict):
+    """Apple configuration profiles (`export`/`deliver --format mobileconfig`): identifiers and the signer."""
+
+    identifier_prefix: str | None = Field(
+        default=None, description="reverse-DNS prefix of the PayloadIdentifiers (PREFIX.NAME); default: nginx.server_name "
+        "reversed + .mtlsctl (com.example.secure.mtlsctl)")
+    organization: str | None = Field(default=None, description="PayloadOrganization shown on the device; default: the CA's O, else its CN")
+    signer_cert: str | None = Field(default=None, description="certificate that signs profiles (absolute or PKI-relative path); "
+                                    "unset: profiles are unsigned and iOS shows them as Not Verified")
+    signer_key: str | None = Field(default=None, description="its private key (PEM); required with signer_cert")
+    signer_chain: str | None = Field(default=None, description="intermediate certificates sent with the signature (PEM); "
+                                     "default: the PKI's CA chain when this PKI issued the signer")
+    signer_passphrase_file: str | None = Field(
+        default=None, description="file whose first line is the passphrase of an encrypted signer_key (handed to openssl on a pipe)")
+
+    @field_validator("identifier_prefix")
+    @classmethod
+    def _prefix(cls, v: str | None) -> str | None:
+        if v is not None and (len(v) > IDENTIFIER_PREFIX_MAX or not _IDENTIFIER_RE.fullmatch(v)):
+            raise ValueError("must be reverse-DNS such as com.example.mtls (letters, digits, '-', dot-separated, "
+                             f"two labels or more, at most {IDENTIFIER_PREFIX_MAX} characters)")
+        return v
+
+    @field_validator("organization")
+    @classmethod
+    def _organization(cls, v: str | None) -> str | None:
+        if v is not None and (not v or len(v) > 128 or v != v.strip() or not all(c.isprintable() for c in v)):
+            raise ValueError("must be 1..128 printable characters without leading or trailing spaces")
+        return v
+
+    @field_validator("signer_cert", "signer_key", "signer_chain", "signer_passphrase_file")
+    @classmethod
+    def _paths(cls, v: str | None) -> str | None:
+        return _profile_path(v)
+
+    @model_validator(mode="after")
+    def _signer_complete(self) -> MobileconfigProfile:
+        if (self.signer_cert is None) != (self.signer_key is None):
+            raise ValueError("signer_cert and signer_key go together: set both to sign profiles, or neither")
+        if self.signer_cert is None and (self.signer_chain is not None or self.signer_passphrase_file is not None):
+            raise ValueError("signer_chain and signer_passphrase_file need signer_cert and signer_key")
+        return self
+
+
+class MetricsProfile(_Strict):
+    """`mtlsctl metrics`: Prometheus text for node_exporter's textfile collector (docs/operations.md)."""
+
+    textfile: str | None = Field(
+        default=None, description="absolute path of a .prom file in node_exporter's --collector.textfile.directory; when set, "
+        "renew, revoke and crl rewrite it (atomically) after their change")
+
+    @field_validator("textfile")
+    @classmethod
+    def _textfile(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        if not v.startswith("/") or not all(c.isprintable() for c in v) or "/../" in v + "/":
+            raise ValueError("must be an absolute path without control characters or '..' "
+                             "(e.g. /var/lib/prometheus/node-exporter/mtlsctl.prom)")
+        if not v.endswith(".prom") or v.endswith("/.prom"):
+            raise ValueError("must end in .prom: node_exporter's textfile collector reads only *.prom files")
+        return v
+
+
 class Profile(_Strict):
     pki_dir: str | None = Field(default=None, description="where the PKI lives; default /etc/nginx/pki")
     ca: CaProfile = Field(default=CaProfile.model_construct(), description="the Certificate Authority")
@@ -489,6 +625,11 @@ class Profile(_Strict):
     nginx: NginxProfile = Field(default=NginxProfile.model_construct(), description="the mTLS site and how nginx is tested and reloaded")
     ocsp: OcspProfile | None = Field(default=None, description="off unless set: see docs/ocsp.md")
     publish: PublishProfile | None = Field(default=None, description="off unless set: see docs/fleet.md")
+    metrics: MetricsProfile | None = Field(default=None, description="off unless set: `mtlsctl metrics` textfile (docs/operations.md)")
+    deliver: DeliverProfile = Field(default=DeliverProfile.model_construct(),
+                                    description="mtlsctl deliver: the one-time HTTPS link for a bundle (docs/clients.md)")
+    mobileconfig: MobileconfigProfile = Field(default=MobileconfigProfile.model_construct(),
+                                              description="Apple configuration profiles: identifiers, signer (docs/clients.md)")
 
     @model_validator(mode="after")
     def _signer_outlives_renewal(self) -> Profile:
@@ -502,7 +643,8 @@ class Profile(_Strict):
     def _empty_sections(cls, data: Any) -> Any:
         """`nginx:` with nothing under it is YAML null: read it as an empty section, as a person means it."""
         if isinstance(data, dict):
-            return {k: ({} if v is None and k in ("ca", "clients", "crl", "renew", "nginx") else v) for k, v in data.items()}
+            sections = ("ca", "clients", "crl", "renew", "nginx", "deliver", "mobileconfig")
+            return {k: ({} if v is None and k in sections else v) for k, v in data.items()}
         return data
 
     @field_validator("pki_dir")
@@ -572,41 +714,22 @@ def parse_profile(data: Any, source: str) -> Profile:
         raise ProfileError(source, _problems(exc)) from None
 
 
-PROFILE_MAX_BYTES = 256 * 1024
 # A profile is a few dozen keys. Aliases that expand to more nodes than this are an attack (a "billion
 # laughs" document of 436 bytes produced a 76 MB error message), never a site profile.
 PROFILE_MAX_NODES = 10_000
 
 
 def _read_profile_bytes(path: Path) -> bytes:
-    """The profile's bytes: a regular file (a FIFO would hang, a device never ends), at most 256 KiB."""
-    import stat
+    """The profile's bytes: a regular file, at most 256 KiB (mtlsctl/profile_file.py)."""
+    from mtlsctl.profile_file import read_bytes
 
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
-    except FileNotFoundError:
-        raise InputError(f"profile {path} does not exist", hint="check --profile / MTLSCTL_PROFILE") from None
-    except OSError as exc:
-        raise InputError(f"profile {path} cannot be opened: {exc.strerror}") from None
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise InputError(f"profile {path} is not a regular file", hint="give the path of a YAML file")
-        with os.fdopen(os.dup(fd), "rb") as fh:
-            raw = fh.read(PROFILE_MAX_BYTES + 1)
-    except OSError as exc:
-        raise InputError(f"profile {path} cannot be read: {exc.strerror}") from None
-    finally:
-        os.close(fd)
-    if len(raw) > PROFILE_MAX_BYTES:
-        raise InputError(f"profile {path} is larger than {PROFILE_MAX_BYTES // 1024} KiB; that is not a site profile")
-    return raw
+    return read_bytes(path)
 
 
 def _decode(raw: bytes, path: Path) -> str:
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise InputError(f"profile {path} is not UTF-8 text (byte {exc.start})") from None
+    from mtlsctl.profile_file import decode
+
+    return decode(raw, path)
 
 
 def _read_profile_text(path: Path) -> str:
@@ -663,22 +786,18 @@ def load_profile(path: Path) -> Profile:
     """Read and validate a YAML profile file (a regular file of at most 256 KiB, no duplicate keys).
 
     The file is read and hashed on every call. When the same bytes were validated before by this very code
-    (mtlsctl.cache: a private per-user entry keyed by the content and the validating code), the validated
-    result is rebuilt from that entry without parsing or validating again; otherwise it is validated and
-    stored. The result is the same either way (tests/test_profile_cache.py).
+    (mtlsctl/profile_file.py, mtlsctl/cache.py: a private per-user entry keyed by the content and the
+    validating code), the validated result is rebuilt from that entry without parsing or validating again;
+    otherwise it is validated and stored. The result is the same either way (tests/test_profile_cache.py).
     """
-    raw = _read_profile_bytes(path)
-    key = _cache_key(raw)
-    if key is not None:
-        cached = _from_cache(key)
-        if cached is not None:
-            return cached
-    profile = _load_profile_text(_decode(raw, path), path)
-    if key is not None:
-        from mtlsctl import cache
+    from mtlsctl.profile_file import open_profile
 
-        cache.put(CACHE_KIND, key, profile.model_dump(mode="json"))
-    return profile
+    return open_profile(path).profile
+
+
+def validate_text(text: str, path: Path) -> Profile:
+    """Parse and validate a profile's text (from the file at path): the one place a profile file is validated."""
+    return _load_profile_text(text, path)
 
 
 def _load_profile_text(text: str, path: Path) -> Profile:
@@ -711,49 +830,9 @@ def default_profile() -> Profile:
     return Profile.model_construct()
 
 
-def _code_key() -> bytes:
-    """Everything besides the file's bytes that decides the validated profile: the source of this module and of
-    validate.py, PyYAML's (it parses), and the versions of mtlsctl, pydantic and pydantic-core."""
-    import importlib.util
-
-    import pydantic
-    import pydantic_core
-
-    from mtlsctl import __version__
-
-    yaml_spec = importlib.util.find_spec("yaml")
-    sources = [__file__, validate.__file__, yaml_spec.origin if yaml_spec is not None else None]
-    parts = [__version__.encode(), pydantic.VERSION.encode(), pydantic_core.__version__.encode()]
-    for source in sources:
-        if not source:
-            raise OSError("no source to hash")
-        parts.append(Path(source).read_bytes())
-    from mtlsctl.cache import digest
-
-    return digest(*parts).encode()
-
-
-def _cache_key(raw: bytes) -> str | None:
-    from mtlsctl import cache
-
-    if cache.cache_dir() is None:
-        return None
-    try:
-        return cache.digest(b"mtlsctl profile", _code_key(), raw)
-    except OSError:  # an install without sources: no cache
-        return None
-
-
-def _from_cache(key: str) -> Profile | None:
-    from mtlsctl import cache
-
-    data = cache.get(CACHE_KIND, key)
-    if data is None:
-        return None
-    try:
-        return _rebuild(Profile, data)
-    except (TypeError, ValueError, KeyError):
-        return None
+def rebuild(dump: Any) -> Profile:
+    """A validated Profile back from its model_dump(mode="json") without validating again (see _rebuild)."""
+    return _rebuild(Profile, dump)
 
 
 def _model_in(annotation: Any) -> type[BaseModel] | None:

@@ -105,6 +105,7 @@ TOOLS: dict[str, tuple[Callable[[], str | None], str]] = {
                         "Debian: apt-get install systemd; .ci/run installs it"),
     "ansible-playbook": (_ansible_playbook, "pip install '.[test]' installs ansible-core"),
     "git": (lambda: shutil.which("git"), "Debian: apt-get install git"),
+    "promtool": (lambda: shutil.which("promtool"), "Debian: apt-get install prometheus; .ci/run installs it"),
 }
 
 
@@ -363,12 +364,21 @@ def tree(root: Path) -> dict[str, tuple[int, bytes]]:
     """Every file under root with its mode and content (to prove nothing changed).
 
     The empty lock file `.mtlsctl.lock` is left out: taking the (shared) lock to read creates it, and it holds
-    no data; everything else, the journal included, counts."""
+    no data; so is `.mtlsctl.renew-last` (every renew run, a failed one too, is remembered for `metrics`). A failed
+    attempt appends its "failed" line to audit.log: those lines are left out, so an "ok" line after a failure
+    still shows. Everything else, the journal included, counts."""
     out = {}
     for path in sorted(root.rglob("*")):
         rel = str(path.relative_to(root))
         if rel == ".mtlsctl.lock":
             assert path.is_file() and not path.is_symlink() and path.stat().st_size == 0, "the lock file holds no data"
+            continue
+        if rel == ".mtlsctl.renew-last":
+            continue
+        if rel == "audit.log" and path.is_file() and not path.is_symlink():
+            kept = [line for line in path.read_bytes().splitlines(True) if b'"result":"failed"' not in line]
+            if kept:  # a log holding only "failed" lines counts as no log: a failed first change may create it
+                out[rel] = (path.stat().st_mode & 0o7777, b"".join(kept))
             continue
         if path.is_dir():
             out[rel + "/"] = (path.stat().st_mode & 0o7777, b"")

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mtlsctl import cache
+from mtlsctl import cache, profile_file
 from mtlsctl import profile as prof
 from mtlsctl.errors import ProfileError
 from mtlsctl.pki import resolve_settings
@@ -117,7 +117,7 @@ def test_other_validating_code_misses(tmp_path, cache_dir, monkeypatch):
     path = tmp_path / "mtls.yaml"
     path.write_text("clients: {days: 90}\n")
     load_profile(path)
-    monkeypatch.setattr(prof, "_code_key", lambda: b"another mtlsctl")
+    monkeypatch.setattr(profile_file, "code_key", lambda: b"another mtlsctl")
     load_profile(path)
     assert len(_entries(cache_dir)) == 2
 
@@ -324,3 +324,76 @@ def test_ca_and_crl_dates_come_from_the_cache_only_for_the_same_bytes(fast_pki, 
         doc["value"] = "not a date"
         entry.write_text(json.dumps(doc))
     assert x509read.not_after(ca) == fresh_ca and parsed == ["crl", "cert"]
+
+
+# ------------------------------------------------------------------ the frequent commands never build the models
+
+
+@pytest.mark.parametrize("text", PROFILES, ids=["empty", "clients", "nginx", "example", "full"])
+def test_facts_from_the_dump_are_the_facts_of_the_model(text, tmp_path, cache_dir, monkeypatch):
+    path = tmp_path / "mtls.yaml"
+    path.write_text(text)
+    first = profile_file.open_profile(path)  # validated now
+    assert first.loaded
+    validated = first.profile
+    second = profile_file.open_profile(path)  # from the cache: facts now, the model only when asked
+    assert not second.loaded
+    assert second.facts == first.facts == profile_file.Facts.from_profile(validated)
+    assert profile_file.Facts.from_dump(validated.model_dump(mode="json")) == first.facts
+    _no_validation(monkeypatch)
+    assert second.profile == validated and second.loaded
+
+
+def test_settings_from_the_cache_build_the_profile_only_when_asked(tmp_path, cache_dir, monkeypatch):
+    pki = tmp_path / "pki"
+    pki.mkdir()
+    (pki / "mtls.yaml").write_text("renew: {within_days: 12, days: 200}\ncrl: {refresh_within_days: 3}\n")
+    assert resolve_settings(pki, None, environ={}).facts.renew_within_days == 12
+    settings = resolve_settings(pki, None, environ={})
+    assert not settings.profile_loaded
+    assert (settings.facts.renew_within_days, settings.facts.renew_days, settings.facts.crl_refresh_within_days) == (12, 200, 3)
+    assert settings.profile.renew.within_days == 12 and settings.profile_loaded
+    # the built-in defaults too
+    assert resolve_settings(tmp_path / "none", None, environ={}).profile == Profile()
+    again = resolve_settings(tmp_path / "none", None, environ={})
+    assert not again.profile_loaded and again.facts == profile_file.Facts.from_profile(Profile())
+
+
+@pytest.mark.parametrize("damage", ["a string for a number", "a bool for a number", "missing section", "not a mapping"])
+def test_facts_that_are_not_a_validated_dump_are_a_miss(damage, tmp_path, cache_dir):
+    path, entry = _seed(tmp_path, cache_dir, "renew: {within_days: 12}\n")
+    doc = json.loads(entry.read_text())
+    if damage == "a string for a number":
+        doc["value"]["renew"]["within_days"] = "999"
+    elif damage == "a bool for a number":
+        doc["value"]["renew"]["within_days"] = True
+    elif damage == "missing section":
+        del doc["value"]["crl"]
+    else:
+        doc["value"] = ["renew"]
+    entry.write_text(json.dumps(doc))
+    source = profile_file.open_profile(path)
+    assert source.loaded and source.facts.renew_within_days == 12  # validated from the file again
+
+
+def test_list_and_renew_with_nothing_due_import_neither_pydantic_nor_cryptography(fast_pki, tmp_path):
+    """The start-up target of issue 14: a second run of `list` / `renew` reads the profile's facts and the
+    CA's and CRL's dates from the cache; -X importtime shows every module a run imports."""
+    import subprocess
+    import sys
+
+    profile = tmp_path / "site.yaml"
+    profile.write_text("renew: {within_days: 20}\nnginx: {test_command: '', reload_command: ''}\n")
+    env = {**os.environ, "MTLSCTL_CACHE_DIR": str(tmp_path / "cache")}
+    env.pop("MTLSCTL_NO_CACHE", None)
+    for command in (["list"], ["list", "--json"], ["renew"]):
+        argv = [sys.executable, "-X", "importtime", "-m", "mtlsctl", "--pki-dir", str(fast_pki), "--profile", str(profile),
+                *command]
+        first = subprocess.run(argv, capture_output=True, text=True, env=env)
+        second = subprocess.run(argv, capture_output=True, text=True, env=env)
+        assert first.returncode == second.returncode == 0, second.stderr[-800:]
+        assert first.stdout == second.stdout
+        imported = {line.split("|")[-1].strip() for line in second.stderr.splitlines() if line.startswith("import time:")}
+        assert "mtlsctl.cli.certificates" in imported
+        assert not {m for m in imported if m.split(".")[0] in ("pydantic", "cryptography")}, command
+    assert "within 20 days" in second.stdout

@@ -8,10 +8,12 @@ as the table of contents of `mtlsctl --help`:
     io.py            secrets in (password, passphrase); results out (text, JSON, dry-run plans, after a CRL change)
     ca.py            CA:            init, ca-passphrase change, root export-offline
     certificates.py  Certificates:  add-client, add-server, export, replace, sign-csr, list, verify, renew
+    delivery.py      Certificates:  deliver
     revocation.py    Revocation:    revoke, crl
     ocsp.py          Revocation:    ocsp setup, ocsp serve, ocsp check
     nginx.py         nginx:         demo, nginx render, nginx check, nginx reload
     maintenance.py   Maintenance:   doctor, recover, backup, restore, systemd install, completion
+    monitoring.py    Maintenance:   metrics, log
 
 Importing a command module registers its commands on `app`, in the order `--help` lists them.
 """
@@ -21,11 +23,11 @@ from mtlsctl.cli.context import CliState
 
 # The command groups, in --help order: each registers its commands on `app` when imported.
 # isort: off
-from mtlsctl.cli import ca, certificates, revocation, ocsp, nginx, maintenance
+from mtlsctl.cli import ca, certificates, delivery, revocation, ocsp, nginx, maintenance, monitoring
 # isort: on
 from mtlsctl.cli.maintenance import completion_file, completion_script
 
 reflow_help(app)
 
 __all__ = ["CHOICES", "CliState", "app", "build_command", "completion_file", "completion_script", "global_options",
-           "hoist_global_options", "main", "ca", "certificates", "maintenance", "nginx", "ocsp", "revocation"]
+           "hoist_global_options", "main", "ca", "certificates", "delivery", "maintenance", "monitoring", "nginx", "ocsp", "revocation"]

@@ -139,6 +139,7 @@ def reflow_help(typer_app: typer.Typer) -> None:
 CHOICES: dict[str, tuple[str, ...]] = {
     "--key-type": ("rsa", "ec"),
     "--p12": ("compat", "modern", "legacy"),
+    "--format": ("p12", "mobileconfig"),
     "--status": ("valid", "expiring", "expired", "revoked"),
     "--verify-client": ("on", "optional"),
     "--reason": ("unspecified", "keyCompromise", "CACompromise", "affiliationChanged", "superseded",
