@@ -60,12 +60,32 @@ _MAX_ITEMS = 10_000  # names or serials in one line (a batch of add-client, a re
 _MAX_LINE = 1 << 20  # the reader skips a longer line (a hostile file)
 _PEM_RE = re.compile(r"-----BEGIN |PRIVATE KEY")
 # What a shown string may hold: no control characters (terminal escapes), no bidi or zero-width characters.
-_PRINTABLE_RE = re.compile(r"[^\x00-\x1f\x7f-\x9f\u2028\u2029\u200b-\u200f\u202a-\u202e\u2066-\u2069]*")
+
+
+_HIDDEN_CATEGORIES = ("Cc", "Cf", "Zl", "Zp", "Cs", "Co", "Cn")  # controls, format (bidi, zero-width), separators
+
+
+def _printable(text: str) -> bool:
+    """No character that a terminal acts on or that hides text: no controls, format, separator, surrogate,
+    private or unassigned code points (by Unicode category)."""
+    import unicodedata
+
+    return all(unicodedata.category(c) not in _HIDDEN_CATEGORIES for c in text)
 
 
 def _one_line(text: str) -> str:
-    first = text.strip().splitlines()[0] if text.strip() else ""
-    return first if len(first) <= _MAX_TEXT else first[:_MAX_TEXT - 3] + "..."
+    """A string as the audit log keeps it: every hidden character (a newline, a tab, an escape, a bidi or
+    zero-width mark) written as a visible \\xNN / \\uNNNN escape (a backslash as two), never cut off at
+    one, so the line is what happened and `mtlsctl log` shows it; at most _MAX_TEXT characters."""
+    import unicodedata
+
+    text = text.strip()
+    shown = "".join(
+        "\\\\" if c == "\\" else
+        (f"\\x{ord(c):02x}" if ord(c) < 0x100 else f"\\u{ord(c):04x}" if ord(c) < 0x10000 else f"\\U{ord(c):08x}")
+        if unicodedata.category(c) in _HIDDEN_CATEGORIES else c
+        for c in text)
+    return shown if len(shown) <= _MAX_TEXT else shown[:_MAX_TEXT - 3] + "..."
 
 
 def _check_text(what: str, value: str) -> str:
@@ -122,7 +142,7 @@ def build_line(command: str, *, names: Sequence[str] = (), serials: Sequence[str
             if not isinstance(item, str):
                 raise ValueError(f"audit: {what} #{i} is a {type(item).__name__}, not a string")
             _check_text(f"{what} #{i}", item)
-            if not item or len(item) > _MAX_TEXT or not _PRINTABLE_RE.fullmatch(item):
+            if not item or len(item) > _MAX_TEXT or not _printable(item):
                 raise ValueError(f"audit: {what} #{i} is not a printable one-line string")
     serials = [s.upper() for s in serials]
     for i, s in enumerate(serials):
@@ -325,7 +345,7 @@ def _is_int(value: object) -> bool:
 def _text(value: object, what: str, *, optional: bool = False, limit: int = _MAX_TEXT) -> str | None:
     if value is None and optional:
         return None
-    if not isinstance(value, str) or len(value) > limit or not _PRINTABLE_RE.fullmatch(value):
+    if not isinstance(value, str) or len(value) > limit or not _printable(value):
         raise _BadLine(f"{what} is not a printable one-line string")
     return value
 

@@ -186,6 +186,24 @@ def password_file(name: str) -> str:
     return f"private/{name}.p12.password"
 
 
+def refuse_pki_target(pki: Pki, target: Path, own: str) -> None:
+    """An export's --out inside the PKI directory is refused unless it is the export's own place (`own`, e.g.
+    certs/NAME.p12): --force must never let a bundle replace the CA key, a certificate or the database. Compared
+    after resolving links (a PKI reached through a link, a directory link inside it) and, for an existing file, by
+    inode (a hard link elsewhere to a file of the PKI)."""
+    root = os.path.realpath(pki.root)
+    where = os.path.realpath(target)
+    inside = where == root or where.startswith(root + os.sep)
+    if not inside and target.exists():
+        with contextlib.suppress(OSError):
+            st = target.stat()
+            inside = st.st_nlink > 1 and any(
+                os.path.samefile(target, p) for p in pki.root.rglob("*") if p.is_file() and not p.is_symlink())
+    if inside and where != os.path.realpath(pki.path(own)):
+        raise InputError(f"--out {target} is inside the PKI directory {pki.root}",
+                         hint=f"write the export outside the PKI (or to its own place, {own}); nothing there is replaced")
+
+
 def name_files(name: str) -> tuple[str, ...]:
     """Every file a name owns at the guide's paths: key, CSR, certificate, bundle, fullchain, bundle password, and
     the Apple profile `export --format mobileconfig` writes (it holds a bundle too: archived with the rest)."""
@@ -783,6 +801,7 @@ def export_client(settings: Settings, name: str, *, p12: str | None, password: s
         raise InputError(f"--out {target} is not a regular file", hint="give a file name (or a directory) for the bundle")
     if not target.parent.is_dir():
         raise InputError(f"--out {target}: directory {target.parent} does not exist")
+    refuse_pki_target(pki, target, f"certs/{file_name}")
     if not pki.path(files.key).exists():
         raise InputError(f"no private key for {name!r} ({files.key} missing)",
                          hint="a bundle needs the key; a CSR signed elsewhere has none here")

@@ -274,7 +274,7 @@ def check_pending_reload(settings: Settings) -> list[Finding]:
 
 def check_audit_log(settings: Settings) -> list[Finding]:
     """<pki>/audit.log: a regular file of the PKI's owner, mode 600 (others could read who did what, or forge
-    lines when they can write it), and every line well-formed (a damaged or forged one is counted)."""
+    lines when they can write it), and every line well-formed (a damaged or crafted malformed one is counted)."""
     from mtlsctl.audit import read_log
 
     pki = settings.pki
@@ -303,7 +303,7 @@ def check_audit_log(settings: Settings) -> list[Finding]:
         problems = [getattr(exc, "message", None) or str(exc)]
     if problems:
         out.append(Finding("audit", "warn", f"{AUDIT_FILE} has {len(problems)} line(s) that are not well-formed "
-                           f"(damaged or forged; first: {problems[0]})", "mtlsctl log shows the rest; look at those lines"))
+                           f"(damaged or crafted; first: {problems[0]})", "mtlsctl log shows the rest; look at those lines"))
     return out or [Finding("audit", "ok", f"{AUDIT_FILE} is mode 600, the PKI owner's, every line well-formed")]
 
 

@@ -314,6 +314,8 @@ def hostile_lines() -> list[bytes]:
         j(command="revoke\x1b[2J\x1b[1;1H"),                               # terminal escapes
         j(names=["alice\x1b]0;pwned\x07"]),
         j(names=["ali\u202ece"]),                                           # bidi override: reads as another name
+        j(names=["ali\u200bce"]), j(names=["ali\ufeffce"]), j(names=["ali\u2060ce"]),  # zero-width: looks like alice
+        j(names=["ali\u00adce"]), j(names=["ali\u061cce"]), j(names=["ali\U000e0041ce"]),  # soft hyphen, marks, tags
         j(names="alice"),                                                   # a string, not a list
         j(serials=["1000; rm -rf /"]),
         j(result="success"),
@@ -462,3 +464,25 @@ def test_input_refused_under_the_lock_writes_no_line(fast_pki, monkeypatch):
     res = cli(fast_pki, "revoke", "alice", "--no-reload")
     assert res.code == 2 and len(calls) == 2, res.err
     assert (fast_pki / "audit.log").read_bytes() == before
+
+
+def test_hidden_characters_in_what_is_recorded_are_escaped_not_cut_and_log_shows_the_line(fast_pki, monkeypatch, tmp_path):
+    """A claimed SUDO_USER or an --out path may hold anything: the line is still written, with every hidden
+    character as a visible escape (never cut at a newline, which would record another path), and `mtlsctl log`
+    shows it (a review found such lines written and then hidden by the reader)."""
+    monkeypatch.setenv("SUDO_USER", "mallory\x1b[2K\x1b[1A\u200b")
+    odd = tmp_path / "eve\nreal\tx.p12"
+    res = cli(fast_pki, "add-client", "eve", "--password-stdin", stdin=PASSWORDS["client"] + "\n")
+    assert res.code == 0, res.err
+    res = cli(fast_pki, "export", "eve", "--out", str(odd), "--password-file", str(secret_file(tmp_path, "export")))
+    assert res.code == 0, res.err
+    raw = (fast_pki / "audit.log").read_text()
+    assert "\x1b" not in raw and "\u200b" not in raw  # as characters: ensure_ascii JSON escapes would decode to them
+    recorded = lines(fast_pki)
+    assert recorded[-1]["sudo_user_claimed"] == "mallory\\x1b[2K\\x1b[1A\\u200b"
+    assert recorded[-1]["details"]["out"] == str(odd).replace("\n", "\\x0a").replace("\t", "\\x09")
+    shown = cli(fast_pki, "log", "--name", "eve")
+    assert shown.code == 0 and "skipped" not in shown.err, shown.err
+    assert "\x1b" not in shown.out and "\u200b" not in shown.out
+    assert len([line for line in shown.out.splitlines() if " eve " in line]) == 2  # add-client and export, both shown
+    assert "eve\\x0areal\\x09x.p12" in shown.out

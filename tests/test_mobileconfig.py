@@ -272,3 +272,27 @@ def test_a_signature_over_anything_but_the_plist_is_refused(phone, mtls, tmp_pat
     work2 = tmp_path / "work2"
     work2.mkdir(mode=0o700)
     assert mobileconfig.sign(b"<plist>mine</plist>", signer, Runner(), work2)[:1] == b"\x30"  # DER SEQUENCE
+
+
+@pytest.mark.parametrize("fmt", ["p12", "mobileconfig"])
+@pytest.mark.parametrize("where", ["private/ca.key", "certs/phone.crt", "index.txt", "private", "ca/ca.crt",
+                                   "hard link outside"])
+def test_force_never_lets_an_export_replace_a_file_of_the_pki(where, fmt, phone, mtls, tmp_path):
+    """--out inside the PKI is refused (exit 2, nothing changed) unless it is the export's own place; --force does
+    not change that (a review wrote a mobileconfig over private/ca.key with --force)."""
+    if where == "hard link outside":
+        out = tmp_path / "innocent.bin"
+        os.link(phone / "private/ca.key" if (phone / "private/ca.key").exists() else phone / "index.txt", out)
+    else:
+        out = phone / where
+    before = tree(phone)
+    res = mtls(["--pki-dir", str(phone), "export", "phone", "--format", fmt, "--password-file", str(tmp_path / "pw.txt"),
+                "--out", str(out), "--force"])
+    assert res.code == 2 and "inside the PKI directory" in res.err, (res.code, res.err)
+    assert tree(phone) == before
+    # its own place, and anywhere outside, still work
+    own = phone / ("certs/phone.p12" if fmt == "p12" else "certs/phone.mobileconfig")
+    assert mtls(["--pki-dir", str(phone), "export", "phone", "--format", fmt, "--password-file", str(tmp_path / "pw.txt"),
+                 "--out", str(own), "--force"]).code == 0
+    assert mtls(["--pki-dir", str(phone), "export", "phone", "--format", fmt, "--password-file", str(tmp_path / "pw.txt"),
+                 "--out", str(tmp_path / "elsewhere.bin")]).code == 0

@@ -101,7 +101,9 @@ def log_(
     restore, deliver, the CA passphrase, the root key's export, ocsp setup) appends one line: UTC
     time, uid and login name (SUDO_USER is shown as claimed: sudo:NAME?), command, names, serials,
     ok or failed with the error. Never a password, passphrase or key. Each line is checked before it
-    is shown; a damaged or forged line is reported on stderr by its number and skipped.
+    is shown; a malformed line (damaged, or crafted with escapes or hidden characters) is reported on
+    stderr by its number and skipped. A well-formed line written by someone who can write the PKI cannot
+    be told from a real one: ship the log elsewhere if that matters (docs/operations.md).
 
     \b
     Examples:
