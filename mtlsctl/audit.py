@@ -47,6 +47,9 @@ log = logging.getLogger("mtlsctl")
 
 AUDIT_FILE = "audit.log"
 AUDIT_VERSION = 1
+# The commands that write lines (`mtlsctl log --command` takes one of these).
+KNOWN_COMMANDS = ("init", "add-client", "add-server", "ocsp-setup", "sign-csr", "export", "deliver", "replace", "revoke",
+                  "renew", "crl", "restore", "ca-passphrase-change", "root-export-offline")
 MODE_AUDIT = files.MODE_SECRET
 LOCK_TIMEOUT = 120.0
 

@@ -302,7 +302,8 @@ def collect(settings: Settings, *, now: datetime | None = None, check_ocsp: bool
     next_fam = Family(f"{PREFIX}crl_next_update_seconds",
                       "nextUpdate of the CRL (Unix time): nginx rejects every client after it; 0 when missing or unreadable")
     last_fam = Family(f"{PREFIX}crl_last_update_seconds", "lastUpdate (thisUpdate) of the CRL (Unix time)")
-    num_fam = Family(f"{PREFIX}crl_number", "cRLNumber of the CRL in place")
+    num_fam = Family(f"{PREFIX}crl_number", "cRLNumber of the CRL in place, as a number (list and the crlnumber file "
+                     "show it in hexadecimal)")
     rev_fam = Family(f"{PREFIX}crl_revoked_entries", "Revoked certificates listed in the CRL in place")
     for which, info in crls:
         next_fam.add(_ts(info.next_update) if info else 0, crl=which)
@@ -332,7 +333,11 @@ def collect(settings: Settings, *, now: datetime | None = None, check_ocsp: bool
 
 
 def check_out(out: Path) -> Path:
-    """--out FILE: a file name in a directory that exists (refused otherwise, exit 2: nothing is written)."""
+    """--out FILE: a file name ending in .prom (node_exporter's textfile collector reads only those) in a
+    directory that exists (refused otherwise, exit 2: nothing is written)."""
+    if not str(out) or str(out) == ".":
+        raise InputError(f"--out {str(out)!r} names no file",
+                         hint="give a file name, e.g. --out /var/lib/prometheus/node-exporter/mtlsctl.prom")
     target = out.absolute()
     if target.is_dir():
         raise InputError(f"--out {target} is a directory",
@@ -342,6 +347,9 @@ def check_out(out: Path) -> Path:
                          hint="create it first (node_exporter's --collector.textfile.directory)")
     if target.exists() and not target.is_file():
         raise InputError(f"--out {target} is not a regular file", hint="give a file name for the metrics")
+    if target.suffix != ".prom":
+        raise InputError(f"--out {target} does not end in .prom: node_exporter's textfile collector would never read it",
+                         hint=f"name it e.g. {target.with_suffix('.prom').name}; to look at the metrics, run without --out")
     return target
 
 

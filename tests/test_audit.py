@@ -182,6 +182,7 @@ def test_one_line_per_change_across_a_full_lifecycle(tiered_pki, tmp_path):
         assert lines(pki)[-1]["command"] == command, args
     got = lines(pki)
     assert [line["command"] for line in got] == ["init"] + [c for _, c in steps]  # exactly one line per change
+    assert {line["command"] for line in got} <= set(audit.KNOWN_COMMANDS)  # what `log --command` accepts
     assert all(line["result"] == "ok" for line in got)
     by_command = {}
     for line in got:
@@ -486,3 +487,11 @@ def test_hidden_characters_in_what_is_recorded_are_escaped_not_cut_and_log_shows
     assert "\x1b" not in shown.out and "\u200b" not in shown.out
     assert len([line for line in shown.out.splitlines() if " eve " in line]) == 2  # add-client and export, both shown
     assert "eve\\x0areal\\x09x.p12" in shown.out
+
+
+def test_log_refuses_an_unknown_command_and_a_pki_that_is_not_one(fast_pki, tmp_path):
+    res = cli(fast_pki, "log", "--command", "bogus")
+    assert res.code == 2 and "is not a command the audit log records" in res.err and "revoke" in res.err
+    res = cli(tmp_path / "nope", "log")  # a mistyped --pki-dir: not "no audit log yet"
+    assert res.code == 2 and "no CA in" in res.err
+    assert cli(fast_pki, "log", "--command", "add-server").code == 0

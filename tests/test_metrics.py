@@ -423,3 +423,12 @@ def test_a_renew_run_that_stops_on_an_error_is_a_failed_run(fast_pki):
     assert got["mtlsctl_renew_last_run_success"] == [({}, 0)] and got["mtlsctl_renew_last_run_failed"] == [({}, 1)]
     last = json.loads((fast_pki / "audit.log").read_text().splitlines()[-1])
     assert (last["command"], last["result"]) == ("renew", "failed") and "index.txt" in last["error"], last
+
+
+@pytest.mark.parametrize("out,why", [("", "names no file"), (".", "names no file"), ("metrics.txt", "does not end in .prom")])
+def test_out_must_name_a_prom_file(fast_pki, tmp_path, monkeypatch, out, why):
+    """node_exporter's textfile collector reads only *.prom: any other --out would be written and never read."""
+    monkeypatch.chdir(tmp_path)
+    res = run_cli(["--pki-dir", str(fast_pki), "metrics", "--out", out])
+    assert res.code == 2 and why in res.err, res.err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pki"]  # nothing written beside the PKI

@@ -112,14 +112,16 @@ def log_(
       mtlsctl log --command revoke --json | jq -r .names[]
     """
     from mtlsctl import validate
-    from mtlsctl.audit import _COMMAND_RE, read_log
+    from mtlsctl.audit import _COMMAND_RE, KNOWN_COMMANDS, read_log
 
     start = parse_since(since) if since is not None else None
     if name is not None:
         validate.client_name(name)
-    if command is not None and not _COMMAND_RE.fullmatch(command):
-        raise InputError(f"--command {command!r} is not a command name", hint="e.g. --command revoke")
+    if command is not None and (not _COMMAND_RE.fullmatch(command) or command not in KNOWN_COMMANDS):
+        raise InputError(f"--command {command!r} is not a command the audit log records",
+                         hint="one of: " + ", ".join(KNOWN_COMMANDS))
     settings = load_settings(ctx)
+    settings.pki.require_ca()  # a mistyped --pki-dir is "no CA there", not an empty log
     result = read_log(settings.pki, since=start, name=name, command=command)
     for problem in result.problems:
         io.info(f"warning: {result.path} {problem}")
@@ -135,7 +137,7 @@ def log_(
         if result.exists:
             io.info("no matching lines")
         return
-    print(f"{'TIME (UTC)':<20} {'USER':<22} {'COMMAND':<20} {'RESULT':<6} {'NAMES':<28} {'SERIALS':<16} DETAILS")
+    print(f"{'TIME (UTC)':<19} {'USER':<22} {'COMMAND':<20} {'RESULT':<6} {'NAMES':<28} {'SERIALS':<16} DETAILS")
     for e in result.entries:
         details = " ".join(f"{k}={v}" for k, v in e.details.items())
         if e.error:
