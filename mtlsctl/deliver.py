@@ -8,20 +8,29 @@ The guide ends every client with "transfer the .p12 file securely to the client 
    were checked are the bytes served. The PKI is read under its shared lock, released before the wait: a
    delivery never blocks `renew`, `revoke` or `crl`.
 2. A short-lived HTTPS server (the standard library's http.server and ssl) listens on the address the user
-   names (never a default; the unspecified 0.0.0.0 or :: only as an explicit --bind), with a certificate the
-   device already trusts: the site's server certificate (nginx.server_cert/key, or the PKI's server
-   certificate, its full chain in a two-tier PKI) or --cert/--key.
+   names (never a default; an unspecified address, 0.0.0.0 or ::, only as an explicit --bind; an IPv4-mapped
+   IPv6 address never), with a certificate the device already trusts: the site's server certificate
+   (nginx.server_cert/key, or the PKI's server certificate, its full chain in a two-tier PKI) or --cert/--key.
+   Never a CA's: a CA certificate, or the key of ca/ca.crt or ca/root.crt, is refused.
 3. The bundle is served at `/TOKEN`, TOKEN = secrets.token_urlsafe(32) (256 bits). Any other path gets 404
    with one fixed body (compared with hmac.compare_digest: no hint how close a guess was); any method but GET
-   gets 405. The first COMPLETE download (the whole body written) uses the link up: from then on, and once
-   the lifetime has passed unused, the link answers 410 and the server stops after a short linger.
-   A transfer that breaks off leaves the link open; while one is in flight, another GET gets 409 — two
-   downloads can never both receive the bundle.
-4. The password is never in the URL, the QR code or the server's log lines (the path is logged as
+   gets 405. The GET that claims the link first re-checks, under the PKI's shared lock for that moment, that
+   certs/NAME.crt is still the certificate checked at the start (same serial, V in index.txt, not expired) and
+   certs/NAME.p12 still the same bytes: if not (revoked, renewed, replaced, expired while the link waited), it
+   gets 410, nothing is sent, and the delivery ends as failed.
+4. The link is used up once the whole body has been SENT: written to the connection, then the TLS session
+   closed (close_notify) and the device given CLOSE_WAIT_SECONDS to close its end, so the last bytes are not
+   lost to a reset. The server cannot know the device kept the file, and a device that resets the connection
+   after the last byte may well have it (many clients close that way): re-opening the link then could hand out
+   a second copy, so it stays used; a device that lost the file needs a new `deliver`. A transfer that breaks
+   off before the last byte is written leaves the link open; while one is in flight, another GET gets 409 —
+   two requests can never both receive the bundle. Once used, and once the lifetime has passed unused, the
+   link answers 410 and the server stops after a short linger.
+5. The password is never in the URL, the QR code or the server's log lines (the path is logged as
    "/<token>"); it is shown on the terminal for the person to type on the device.
 
-`deliver()` returns a DeliverResult (who downloaded, from where, when; or that the link expired) and records
-one line in the PKI's audit log.
+`deliver()` returns a DeliverResult (to whom the bundle was sent, from where, when; or that the link expired or
+was withdrawn) and records one line in the PKI's audit log.
 """
 
 from __future__ import annotations
@@ -44,8 +53,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mtlsctl import db, validate
-from mtlsctl.errors import InputError, MtlsError, OpenSSLError, StateError
-from mtlsctl.pki import ClientFiles, Settings
+from mtlsctl.errors import InputError, LockError, MtlsError, OpenSSLError, StateError
+from mtlsctl.pki import ClientFiles, Pki, Settings
 from mtlsctl.runner import Command, Runner
 
 if TYPE_CHECKING:
@@ -55,6 +64,9 @@ FORMATS = ("p12", "mobileconfig")
 TOKEN_BYTES = 32  # secrets.token_urlsafe(32): 256 bits, 43 characters
 LINGER_SECONDS = 3.0  # after the download (or expiry): a browser's retry sees 410, not a refused connection
 REQUEST_TIMEOUT = 30.0  # a client that stalls a handshake or a transfer longer than this is dropped
+CLOSE_WAIT_SECONDS = 5.0  # after the last byte and close_notify: how long the device has to close its end
+RECHECK_LOCK_SECONDS = 10.0  # the re-check before sending waits this long for a writer (renew, revoke) to finish
+REQUEST_LINE_MAX = 65536  # the stdlib's own limit (414 beyond it)
 BUNDLE_MAX_BYTES = 1 << 20
 IOS_MAX_SERVER_DAYS = 825  # iOS refuses TLS server certificates valid longer than this
 
@@ -62,6 +74,8 @@ BODY_NOT_FOUND = b"not found\n"
 BODY_GONE = b"gone: this link was used or has expired\n"
 BODY_BUSY = b"busy: a download of this link is in progress\n"
 BODY_METHOD = b"method not allowed: only GET\n"
+BODY_TOO_LONG = b"request line too long\n"
+BODY_PKI_BUSY = b"busy: the certificate authority is being changed; try the link again in a minute\n"
 REDACTED = "/<token>"
 _HOST_RE = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*")
 
@@ -118,6 +132,57 @@ def _server_files(settings: Settings, cert: Path | None, key: Path | None) -> tu
     return cert_path.absolute(), key_path.absolute()
 
 
+def _spki(cert: Any) -> bytes:
+    """A certificate's public key (SubjectPublicKeyInfo, DER): read only, to compare keys."""
+    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+    return bytes(cert.public_key().public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo))
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)  # symbolic and hard links too
+    except OSError:
+        return os.path.realpath(a) == os.path.realpath(b)
+
+
+def refuse_ca_server_files(pki: Pki, cert: Path, key: Path) -> None:
+    """A CA's certificate or key never runs in a network TLS server (a bug or a misread in the server would put
+    the key that signs every client's certificate within reach of the network).
+
+    Refused: a certificate (the first of the file: the one presented) with basicConstraints CA:TRUE; a key that
+    is private/ca.key or private/root.key (the same file, whatever path or link names it); a certificate whose
+    public key is that of ca/ca.crt or ca/root.crt (a copy of a CA key, paired with a leaf certificate for it).
+
+    Raises:
+        InputError: one of the above, or a certificate that cannot be read.
+    """
+    from mtlsctl import x509read
+
+    hint = "give the site's server certificate and its key, e.g. --cert certs/HOST.crt --key private/HOST.key " \
+           "(mtlsctl add-server HOST --san IP:ADDR makes one)"
+    for rel in (pki.ca_key, pki.root_key):
+        if os.path.lexists(pki.path(rel)) and _same_file(key, pki.path(rel)):
+            raise InputError(f"the server key {key} is the CA's private key ({rel}): deliver never serves with a CA key",
+                             hint=hint)
+    try:
+        leaf = x509read.read_certificate(cert)
+        bc = x509read.basic_constraints(x509read.extensions(leaf, str(cert)))
+    except (StateError, ValueError) as exc:
+        raise InputError(f"the server certificate {cert} cannot be read: {getattr(exc, 'message', exc)}") from None
+    if bc is not None and bc[0]:
+        raise InputError(f"the server certificate {cert} is a CA certificate (basicConstraints CA:TRUE): deliver never "
+                         "serves as a CA", hint=hint)
+    for rel in (pki.ca_cert, pki.root_cert):
+        try:
+            ca = x509read.read_certificate(pki.path(rel))
+        except StateError:
+            continue  # no such CA (a single-tier PKI has no root.crt)
+        if _spki(ca) == _spki(leaf):
+            raise InputError(f"the server certificate {cert} has the public key of {rel}: its key is the CA's private "
+                             "key, and deliver never serves with a CA key", hint=hint)
+
+
 def url_host(host: str | None, bind: str) -> str:
     """The URL's host: --host (a DNS name or an IP literal), else the bind address. Raises InputError."""
     import ipaddress
@@ -169,21 +234,31 @@ def options(settings: Settings, name: str, *, bind: str | None, port: int | None
     if password is not None:
         validate.password(password, source="--password-file")
     cert_path, key_path = _server_files(settings, cert, key)
+    refuse_ca_server_files(settings.pki, cert_path, key_path)
     return DeliverOptions(name=name, bind=address, port=chosen_port, lifetime=float(lifetime), fmt=chosen_fmt,
                           cert=cert_path, key=key_path, host=url_host(host, address), password=password, with_ca=with_ca)
 
 
 # ------------------------------------------------------------------ results
 
+CLOSE_ENDINGS = {
+    "closed": "the device closed the connection",
+    "reset": "the device reset the connection",
+    "timeout": f"the device did not close the connection within {CLOSE_WAIT_SECONDS:g}s",
+}
+
 
 @dataclass(frozen=True)
-class Download:
+class Sent:
+    """The bundle went out: every byte written, the TLS session closed. Not proof the device kept it (module docstring)."""
+
     address: str
     port: int
     at: datetime
+    ending: str = "closed"  # how the connection ended after the last byte: a key of CLOSE_ENDINGS
 
     def to_json(self) -> dict[str, Any]:
-        return {"address": self.address, "port": self.port, "at": self.at.isoformat()}
+        return {"address": self.address, "port": self.port, "at": self.at.isoformat(), "connection_end": self.ending}
 
 
 @dataclass(frozen=True)
@@ -205,7 +280,8 @@ class Ready:
 
 @dataclass(frozen=True)
 class DeliverResult:
-    """How the delivery ended: `download` (who, from where, when), or `expired` (nobody downloaded in time)."""
+    """How the delivery ended: `sent` (to whom, when), `withdrawn` (the certificate or the bundle changed before
+    a GET could have it: nothing sent), or neither (the link expired unused)."""
 
     name: str
     serial: str
@@ -214,19 +290,21 @@ class DeliverResult:
     port: int
     started_at: datetime
     expires_at: datetime
-    download: Download | None
+    sent: Sent | None
     signed: bool = False
+    withdrawn: str | None = None  # why the bundle may no longer go out
 
     @property
     def delivered(self) -> bool:
-        return self.download is not None
+        """The bundle was sent (module docstring: sent, the server cannot know it was kept)."""
+        return self.sent is not None
 
     def to_json(self) -> dict[str, Any]:
         """Never the token, never the password."""
         return {"name": self.name, "serial": self.serial, "format": self.fmt, "bind": self.bind, "port": self.port,
                 "started_at": self.started_at.isoformat(), "expires_at": self.expires_at.isoformat(),
-                "delivered": self.delivered, "downloaded_by": self.download.to_json() if self.download else None,
-                "expired": not self.delivered, "signed": self.signed}
+                "sent": self.delivered, "sent_to": self.sent.to_json() if self.sent else None,
+                "withdrawn": self.withdrawn, "expired": not self.delivered and self.withdrawn is None, "signed": self.signed}
 
 
 # ------------------------------------------------------------------ the link: one download, then gone
@@ -235,32 +313,41 @@ class DeliverResult:
 class Link:
     """The one-time link's state, shared by the request threads (every change under one lock).
 
-    open -> sending (one GET claimed it) -> done (the whole body written) ; sending -> open (the transfer broke
-    off) ; open -> expired (the lifetime passed unused). Only one request can hold "sending".
+    open -> sending (one GET claimed it) -> done (the whole body sent) ; sending -> open (the transfer broke off
+    before the last byte) ; sending -> withdrawn (the re-check before sending found the certificate or the bundle
+    changed) ; open -> expired (the lifetime passed unused). Only one request can hold "sending".
     """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self.state = "open"
-        self.download: Download | None = None
+        self.sent: Sent | None = None
+        self.withdrawn: str | None = None
 
     def claim(self) -> str:
-        """"go" (this request sends the bundle), "busy" (another is sending it) or "gone" (done or expired)."""
+        """"go" (this request sends the bundle), "busy" (another is sending it) or "gone" (done, withdrawn or expired)."""
         with self._lock:
             if self.state == "open":
                 self.state = "sending"
                 return "go"
             return "busy" if self.state == "sending" else "gone"
 
-    def complete(self, address: str, port: int) -> None:
+    def complete(self, address: str, port: int, ending: str = "closed") -> None:
         with self._lock:
             self.state = "done"
-            self.download = Download(address, port, datetime.now(timezone.utc))
+            self.sent = Sent(address, port, datetime.now(timezone.utc), ending)
 
     def release(self) -> None:
         with self._lock:
             if self.state == "sending":
                 self.state = "open"
+
+    def withdraw(self, reason: str) -> None:
+        """The claimed bundle may not go out any more: the link ends, nothing sent."""
+        with self._lock:
+            if self.state == "sending":
+                self.state = "withdrawn"
+                self.withdrawn = reason
 
     def expire(self) -> bool:
         """Close an unused link; False when a transfer is in flight (it may still complete) or it is done."""
@@ -272,15 +359,76 @@ class Link:
 
     def finished(self) -> bool:
         with self._lock:
-            return self.state in ("done", "expired")
+            return self.state in ("done", "withdrawn", "expired")
+
+
+class Recheck:
+    """Before the bundle goes out (in the request that claimed the link): is certs/NAME.crt still the certificate
+    checked at the start, active now, and certs/NAME.p12 the same bytes? Read under the PKI's shared lock, held
+    for that moment only.
+
+    `stop()` (the delivery ending) waits for a re-check in progress and makes later ones refuse: the audit line is
+    then written with no request holding the shared lock, and nothing starts going out after it.
+    """
+
+    def __init__(self, pki: Pki, name: str, serial: str, p12: bytes, clock: Callable[[], datetime]) -> None:
+        self.pki, self.name, self.serial, self.p12, self.clock = pki, name, serial, p12, clock
+        self._lock = threading.Lock()
+        self._stopped = False
+
+    def __call__(self) -> str | None:
+        """None when the bundle may go out, else why not. Raises LockError: a writer held the PKI too long."""
+        with self._lock:
+            if self._stopped:
+                return "the delivery was stopping"
+            return still_current(self.pki, self.name, self.serial, self.p12, self.clock())
+
+    def stop(self) -> None:
+        if self._lock.acquire(timeout=RECHECK_LOCK_SECONDS + 5):
+            self._stopped = True
+            self._lock.release()
+
+
+def still_current(pki: Pki, name: str, serial: str, p12: bytes, now: datetime) -> str | None:
+    """None when certs/NAME.crt is still serial `serial`, valid in index.txt and not expired at `now`, and
+    certs/NAME.p12 still holds `p12`; else the reason (one line). The same checks as at the start (export's):
+    the row of certs/NAME.crt itself, matched by content, never some other valid row of the name.
+
+    Raises:
+        LockError: the shared lock was not free within RECHECK_LOCK_SECONDS.
+    """
+    from mtlsctl.client import current_row
+    from mtlsctl.files import read_lock
+
+    files = ClientFiles(name)
+    try:
+        with read_lock(pki.root, timeout=RECHECK_LOCK_SECONDS):
+            row = current_row(pki, name)
+            if row.serial != serial:
+                return (f"{files.crt} is now serial {row.serial}, no longer {serial} (renewed or replaced while the "
+                        "link waited)")
+            if row.status == "R":
+                return f"the certificate of {name!r} (serial {serial}) was revoked while the link waited"
+            if not row.is_active(now):
+                return f"the certificate of {name!r} (serial {serial}) expired while the link waited"
+            if not hmac.compare_digest(_read_private(pki.path(files.p12), "the bundle", BUNDLE_MAX_BYTES), p12):
+                return f"{files.p12} changed while the link waited"
+    except LockError:
+        raise
+    except MtlsError as exc:
+        return exc.message
+    except OSError as exc:
+        return f"{files.p12} cannot be read again: {exc.strerror or exc}"
+    return None
 
 
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
+    request_queue_size = 64  # the stdlib's 5 drops (and resets) the connections of a burst of requests
 
     def __init__(self, address: tuple[str, int], context: ssl.SSLContext, link: Link, path: str, payload: bytes,
-                 headers: dict[str, str], log: Callable[[str], None]) -> None:
+                 headers: dict[str, str], log: Callable[[str], None], recheck: Callable[[], str | None]) -> None:
         import socket
 
         self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
@@ -290,6 +438,7 @@ class _Server(ThreadingHTTPServer):
         self.payload = payload
         self.payload_headers = headers
         self.log = log
+        self.recheck = recheck
         super().__init__(address, _Handler)
 
     def finish_request(self, request: Any, client_address: Any) -> None:
@@ -330,12 +479,15 @@ class _Handler(BaseHTTPRequestHandler):
 
     def handle_one_request(self) -> None:
         try:
-            self.raw_requestline = self.rfile.readline(65537)
+            self.raw_requestline = self.rfile.readline(REQUEST_LINE_MAX + 1)
         except (OSError, ssl.SSLError):
             self.close_connection = True
             return
-        if len(self.raw_requestline) > 65536:
-            self._reply(414, BODY_NOT_FOUND)
+        if len(self.raw_requestline) > REQUEST_LINE_MAX:
+            # what the stdlib sets before its own 414: send_response logs (log_request) from these
+            self.requestline, self.request_version, self.command = "", "", ""
+            self.close_connection = True
+            self._reply(414, BODY_TOO_LONG)
             self._log("?", "<long request line>", 414)
             return
         if not self.raw_requestline:
@@ -384,6 +536,20 @@ class _Handler(BaseHTTPRequestHandler):
             self._reply(status, body)
             self._log("GET", REDACTED, status)
             return
+        try:
+            withdrawn = self.server.recheck()
+        except LockError:  # a writer (renew, revoke) held the PKI too long: never send unchecked; try again later
+            link.release()
+            self._reply(503, BODY_PKI_BUSY, {"Retry-After": "30"})
+            self._log("GET", REDACTED, 503, "the PKI is locked by another mtlsctl; the link stays open")
+            return
+        except Exception as exc:  # noqa: BLE001 - whatever stopped the check, the bundle is not sent unchecked
+            withdrawn = f"the PKI could not be checked again ({type(exc).__name__})"
+        if withdrawn is not None:
+            link.withdraw(withdrawn)  # before the reply: no other request can get the bundle meanwhile
+            self._reply(410, BODY_GONE)
+            self._log("GET", REDACTED, 410, f"not sent: {withdrawn}; the link is closed")
+            return
         payload = self.server.payload
         try:
             self.send_response(200)
@@ -393,11 +559,29 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.write(payload)
             self.wfile.flush()
         except (OSError, ssl.SSLError) as exc:
-            link.release()  # nothing complete went out: the link stays open for the next try
+            link.release()  # the last byte was not written: the link stays open for the next try
             self._log("GET", REDACTED, 200, f"transfer broke off: {type(exc).__name__}; the link stays open")
             return
-        link.complete(_peer(self.client_address), int(self.client_address[1]))
-        self._log("GET", REDACTED, 200, f"{len(payload)} bytes: downloaded; the link is used up")
+        # every byte written: the link is used up, however the connection ends (a reset does not show the device
+        # lacks the file, and re-opening could hand out a second copy: module docstring)
+        ending = self._close_tls()
+        link.complete(_peer(self.client_address), int(self.client_address[1]), ending)
+        self._log("GET", REDACTED, 200, f"{len(payload)} bytes sent, {CLOSE_ENDINGS[ending]}; the link is used up")
+
+    def _close_tls(self) -> str:
+        """After the last byte: close_notify, then wait (CLOSE_WAIT_SECONDS at most) for the device to close its end,
+        so the kernel never resets the connection under bytes the device has not read yet. A key of CLOSE_ENDINGS."""
+        conn = self.connection
+        try:
+            conn.settimeout(CLOSE_WAIT_SECONDS)
+            conn.unwrap()  # our close_notify, then reads until the device's close_notify
+        except TimeoutError:
+            return "timeout"
+        except (ssl.SSLEOFError, ssl.SSLZeroReturnError):
+            return "closed"  # the device closed the TCP connection without a close_notify (as many clients do)
+        except (OSError, ssl.SSLError):
+            return "reset"
+        return "closed"
 
 
 def _method(command: str | None) -> str:
@@ -461,9 +645,9 @@ def _read_bundle(settings: Settings, opts: DeliverOptions) -> _Bundle:
             secret = pki.path(password_file(opts.name))
             if not os.path.lexists(secret):
                 raise InputError(f"the password of {files.p12} is not stored ({password_file(opts.name)} missing)",
-                                 hint="give --password-file FILE (the password printed when the bundle was made), or make "
-                                      f"a fresh bundle with a password you choose: mtlsctl export {opts.name} --force "
-                                      "--password-file FILE")
+                                 hint="give --password-file FILE holding the password printed when the bundle was made; "
+                                      "if it is lost, put a new one in FILE, run `mtlsctl export "
+                                      f"{opts.name} --force --password-file FILE`, then deliver with the same --password-file FILE")
             text = _read_private(secret, "the password file", 4096).decode("utf-8", "replace")
             password = validate.password(validate.strip_one_newline(text), source=str(secret))
             source = password_file(opts.name)
@@ -563,9 +747,9 @@ def certificate_warnings(cert: Path, host: str, now: datetime) -> list[str]:
 
 
 def _listen(opts: DeliverOptions, context: ssl.SSLContext, link: Link, path: str, payload: bytes,
-            headers: dict[str, str], log: Callable[[str], None]) -> _Server:
+            headers: dict[str, str], log: Callable[[str], None], recheck: Callable[[], str | None]) -> _Server:
     try:
-        return _Server((opts.bind, opts.port), context, link, path, payload, headers, log)
+        return _Server((opts.bind, opts.port), context, link, path, payload, headers, log, recheck)
     except OSError as exc:
         why = {errno.EADDRINUSE: f"port {opts.port} is in use on {opts.bind}",
                errno.EADDRNOTAVAIL: f"{opts.bind} is not an address of this host",
@@ -589,8 +773,13 @@ def qr_code(url: str) -> segno.QRCode:
 # ------------------------------------------------------------------ the delivery
 
 
+def _utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
 def deliver(settings: Settings, opts: DeliverOptions, runner: Runner, *, announce: Callable[[Ready], None],
-            log: Callable[[str], None], linger: float | None = None) -> DeliverResult:
+            log: Callable[[str], None], linger: float | None = None,
+            clock: Callable[[], datetime] = _utcnow) -> DeliverResult:
     """Serve NAME's bundle once (see the module docstring) and say how it ended.
 
     Args:
@@ -598,14 +787,20 @@ def deliver(settings: Settings, opts: DeliverOptions, runner: Runner, *, announc
         opts: from `options()`.
         runner: runs openssl (the bundle check, a mobileconfig's signature).
         announce: called once the server listens, with the URL and the password for the person.
-        log: receives the server's log lines (redacted: never the token, never the password).
-        linger: seconds the server keeps answering 410 after the download or the expiry (default LINGER_SECONDS).
+        log: receives the server's log lines (redacted: never the token, never the password); called from the
+            request threads, concurrently.
+        linger: seconds the server keeps answering 410 after the bundle was sent, withdrawn or the link expired
+            (default LINGER_SECONDS).
+        clock: the time the re-check before sending judges the certificate's expiry by (tests move it on).
 
     Returns:
-        a DeliverResult: `download` set when the bundle went out completely, else the link expired.
+        a DeliverResult: `sent` set when every byte of the bundle went out (sent, not known to be kept: module
+        docstring), `withdrawn` when a GET came after the certificate or the bundle changed (nothing sent),
+        neither when the link expired unused.
 
     Raises:
-        InputError: refused before the server starts (revoked, expired, no bundle, wrong password, ...).
+        InputError: refused before the server starts (revoked, expired, no bundle, wrong password, a CA's
+            certificate or key for the server, ...).
         KeyboardInterrupt: Ctrl-C while waiting (the server is stopped first and the audit log says so).
     """
     linger = LINGER_SECONDS if linger is None else linger
@@ -623,9 +818,10 @@ def deliver(settings: Settings, opts: DeliverOptions, runner: Runner, *, announc
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     link = Link()
+    recheck = Recheck(settings.pki, opts.name, bundle.serial, bundle.p12, clock)
     path = "/" + secrets.token_urlsafe(TOKEN_BYTES)
     headers = {"Content-Type": content_type, "Content-Disposition": f'attachment; filename="{file_name}"'}
-    server = _listen(opts, context, link, path, payload, headers, log)
+    server = _listen(opts, context, link, path, payload, headers, log, recheck)
     started = datetime.now(timezone.utc)
     expires = started + timedelta(seconds=opts.lifetime)
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True)
@@ -636,42 +832,45 @@ def deliver(settings: Settings, opts: DeliverOptions, runner: Runner, *, announc
                        file_name=file_name, content_type=content_type, password_source=bundle.password_source,
                        warnings=tuple(warnings)))
         _wait(link, time.monotonic() + opts.lifetime)
-        log(("downloaded; " if link.download else "expired unused; ") + f"answering 410 for {linger:g}s, then stopping")
+        how = "sent" if link.sent else "withdrawn: nothing sent" if link.withdrawn else "expired unused"
+        log(f"{how}; answering 410 for {linger:g}s, then stopping")
         end = time.monotonic() + linger
         while time.monotonic() < end:
             time.sleep(min(0.1, max(0.0, end - time.monotonic())))
-        if link.download is None:
-            error = "the link expired unused"
+        if link.sent is None:
+            error = f"not sent: {link.withdrawn}" if link.withdrawn else "the link expired unused"
     except KeyboardInterrupt:
-        error = "interrupted before a download"
+        error = "interrupted before the bundle was sent"
         raise
     except BaseException as exc:
         error = f"stopped: {getattr(exc, 'message', None) or type(exc).__name__}"
         raise
     finally:
         link.expire()  # from here on nothing is served, whatever happened
+        recheck.stop()  # no request holds the PKI's shared lock while the audit line is written; none sends after
         if thread.is_alive():
             server.shutdown()
         server.server_close()
-        _audit(settings, opts, bundle.serial, link.download, error)
+        _audit(settings, opts, bundle.serial, link.sent, error)
     return DeliverResult(name=opts.name, serial=bundle.serial, fmt=opts.fmt, bind=opts.bind, port=opts.port,
-                         started_at=started, expires_at=expires, download=link.download, signed=signed)
+                         started_at=started, expires_at=expires, sent=link.sent, signed=signed, withdrawn=link.withdrawn)
 
 
 def _wait(link: Link, deadline: float) -> None:
-    """Until the link is used up, or the deadline passes with no transfer in flight (one in flight may finish;
-    a stalled one is dropped by the request timeout, and then the link expires)."""
+    """Until the link is used up or withdrawn, or the deadline passes with no transfer in flight (one in flight may
+    finish; a stalled one is dropped by the request timeout, and then the link expires)."""
     while not link.finished():
         if time.monotonic() >= deadline and link.expire():
             return
         time.sleep(0.05)
 
 
-def _audit(settings: Settings, opts: DeliverOptions, serial: str, download: Download | None, error: str | None) -> None:
-    """One line in the audit log: who downloaded (address, time), or why nothing was delivered. No token, no password."""
+def _audit(settings: Settings, opts: DeliverOptions, serial: str, sent: Sent | None, error: str | None) -> None:
+    """One line in the audit log: to whom the bundle was sent (address, time, how the connection ended), or why
+    nothing was sent. No token, no password."""
     from mtlsctl import audit
 
-    audit.record(settings.pki, "deliver", names=[opts.name], serials=[serial], result="ok" if download else "failed",
-                 error=None if download else error, address=download.address if download else None,
-                 downloaded_at=download.at.isoformat() if download else None, format=opts.fmt,
-                 bind=f"{opts.bind}:{opts.port}")
+    audit.record(settings.pki, "deliver", names=[opts.name], serials=[serial], result="ok" if sent else "failed",
+                 error=None if sent else error, address=sent.address if sent else None,
+                 sent_at=sent.at.isoformat() if sent else None, connection_end=sent.ending if sent else None,
+                 format=opts.fmt, bind=f"{opts.bind}:{opts.port}")

@@ -506,8 +506,11 @@ def parse_duration(text: str) -> int:
 
 
 def listen_address(text: str, *, explicit: bool) -> str:
-    """An IP literal to listen on, in its canonical form. The unspecified addresses (0.0.0.0, ::: every interface)
-    only when `explicit` (typed as --bind on the command line), never from a profile. Raises ValueError."""
+    """An IP literal to listen on, in its canonical form. An unspecified address (every interface: 0.0.0.0, ::,
+    ::0.0.0.0 and the other spellings of ::) only when `explicit` (typed as --bind on the command line), never
+    from a profile. An IPv4-mapped IPv6 address (::ffff:a.b.c.d) never: Linux listens on the IPv4 address it maps
+    (::ffff:0.0.0.0 on every IPv4 interface, though Python 3.11 does not call it unspecified); give the IPv4 form.
+    Raises ValueError."""
     import ipaddress
 
     try:
@@ -516,8 +519,13 @@ def listen_address(text: str, *, explicit: bool) -> str:
         raise ValueError(f"{text!r} is not an IP address (a name is not accepted: say which interface, e.g. 192.0.2.10)") from None
     if getattr(addr, "scope_id", None):
         raise ValueError(f"{text!r} has a zone (%{getattr(addr, 'scope_id', '')}); give a global or private address")
+    mapped = addr.ipv4_mapped if isinstance(addr, ipaddress.IPv6Address) else None
+    if mapped is not None:
+        every = " (every IPv4 interface)" if mapped.is_unspecified else ""
+        raise ValueError(f"{text} is an IPv4-mapped IPv6 address{every}; give its IPv4 form, {mapped}"
+                         + (" (accepted only as --bind on the command line)" if mapped.is_unspecified else ""))
     if addr.is_unspecified and not explicit:
-        raise ValueError(f"{text} listens on every interface; that is accepted only as --bind {text} on the command line")
+        raise ValueError(f"{text} listens on every interface; that is accepted only as --bind {addr} on the command line")
     return str(addr)
 
 
@@ -536,7 +544,8 @@ class DeliverProfile(_Strict):
     """`mtlsctl deliver`: the one-time HTTPS link that hands a bundle to a device (docs/clients.md)."""
 
     bind: str | None = Field(default=None, description="IP address deliver listens on; none by default (--bind or this "
-                             "is required); 0.0.0.0 and :: are refused here and accepted only as --bind")
+                             "is required); 0.0.0.0 and :: (every interface) are refused here and accepted only as "
+                             "--bind; IPv4-mapped IPv6 addresses (::ffff:a.b.c.d) are refused: give the IPv4 form")
     port: int = Field(default=8443, ge=1, le=65535, description="TCP port deliver listens on; --port overrides")
     valid_for: str = Field(default="10m", description="how long a link stays open unused: 90s, 10m, 1h (10s..24h); --for overrides")
 

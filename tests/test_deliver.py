@@ -1,6 +1,6 @@
 """`mtlsctl deliver` (issue 15): a one-time HTTPS link, tried with real clients (curl, and Python's ssl trusting only
-the CA) on a free loopback port, in single- and two-tier PKIs. The first complete download is the exact bundle, then
-410; an unused link expires with 410 and exit 1; wrong paths get one 404 body; two concurrent GETs never both get
+the CA) on a free loopback port, in single- and two-tier PKIs. The first GET that is sent the whole bundle gets the exact
+bundle, then 410; an unused link expires with 410 and exit 1; wrong paths get one 404 body; two concurrent GETs never both get
 the bundle; the password is never in the URL, the QR code, the server's log lines or any argv; refusals happen
 before anything listens; the PKI is not locked while the link waits."""
 
@@ -95,8 +95,9 @@ def request(pki: Path, url: str, method: str = "GET") -> tuple[int, dict[str, st
 class Serving:
     """deliver.deliver() in a thread of this process, as the CLI calls it; `ready` is what the person sees."""
 
-    def __init__(self, pki: Path, linger: float = 0.3, **kwargs: object) -> None:
+    def __init__(self, pki: Path, linger: float = 0.3, clock=None, **kwargs: object) -> None:  # type: ignore[no-untyped-def]
         settings = resolve_settings(pki, None, environ={})
+        self.clock = clock or (lambda: datetime.now(timezone.utc))
         args: dict = {"bind": "127.0.0.1", "port": free_port(), "valid_for": "60s", "fmt": None, **kwargs}
         self.opts = deliver.options(settings, "phone", **args)
         self.settings, self.linger = settings, linger
@@ -110,7 +111,7 @@ class Serving:
     def _run(self) -> None:
         try:
             self.result = deliver.deliver(self.settings, self.opts, Runner(), announce=self._announce,
-                                          log=self.logs.append, linger=self.linger)
+                                          log=self.logs.append, linger=self.linger, clock=self.clock)
         except BaseException as exc:  # noqa: BLE001 - handed to the test
             self.error = exc
         finally:
@@ -144,16 +145,17 @@ class Serving:
 SHORT_LINGER = "import mtlsctl.deliver as d\nd.LINGER_SECONDS = 1.5"
 
 
-def start_cli(pki: Path, *args: str, patch: str = SHORT_LINGER, trace: Path | None = None) -> tuple[subprocess.Popen[str], str]:
+def start_cli(pki: Path, *args: str, patch: str = SHORT_LINGER, trace: Path | None = None,
+              env: dict[str, str] | None = None) -> tuple[subprocess.Popen[str], str]:
     """`mtlsctl deliver phone ...` as a process (optionally under strace, optionally with module constants patched
-    in the child); returns it and its URL, read from its stdout once it listens."""
+    in the child, or more environment); returns it and its URL, read from its stdout once it listens."""
     code = f"{patch}\nfrom mtlsctl.cli import main\nmain(sys.argv[1:])"
     argv = [sys.executable, "-c", "import sys\n" + code, "--pki-dir", str(pki), "deliver", "phone", "--bind", "127.0.0.1",
             "--port", str(free_port()), *args]
     if trace is not None:
         argv = ["strace", "-f", "-v", "-s", "4096", "-e", "trace=execve", "-o", str(trace), *argv]
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONPATH": str(REPO)})
+                            env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})})
     assert proc.stdout is not None
     seen = []
     for line in proc.stdout:
@@ -175,11 +177,11 @@ def last_audit(pki: Path) -> dict:
     return json.loads((pki / "audit.log").read_text().splitlines()[-1])
 
 
-# ------------------------------------------------------------------ the one download
+# ------------------------------------------------------------------ the bundle, sent once
 
 
 @pytest.mark.needs("curl")
-def test_the_first_download_is_the_exact_bundle_then_410_and_exit_0(site):
+def test_the_first_get_is_sent_the_exact_bundle_then_410_and_exit_0(site):
     proc, shown = start_cli(site)
     url = URL_RE.search(shown).group(0)
     got = site.parent / "got.p12"
@@ -195,7 +197,7 @@ def test_the_first_download_is_the_exact_bundle_then_410_and_exit_0(site):
     assert again.value.code == 410 and again.value.read() == deliver.BODY_GONE
     code, out, err = finish(proc)
     assert code == 0, err
-    assert "Delivered phone" in out and "to 127.0.0.1" in out
+    assert "Sent phone's bundle" in out and "to 127.0.0.1" in out and "the device closed the connection" in out
     assert f"Password to type on the device: {PASSWORD}" in shown
     # the server's log (stderr) shows the path redacted, never the token or the password
     token = url.rsplit("/", 1)[1]
@@ -224,7 +226,8 @@ def test_an_unused_link_expires_with_410_and_exit_1(site):
     code, out, err = finish(proc)
     assert code == 1 and "expired" in err
     result = json.loads(out.strip().splitlines()[-1])
-    assert result["delivered"] is False and result["expired"] is True and result["downloaded_by"] is None
+    assert result["sent"] is False and result["expired"] is True and result["sent_to"] is None
+    assert result["withdrawn"] is None
     assert last_audit(site)["result"] == "failed" and "expired" in last_audit(site)["error"]
 
 
@@ -258,10 +261,10 @@ def test_two_concurrent_gets_never_both_get_the_bundle(site, monkeypatch):
     hold, held = threading.Event(), threading.Event()
     real_complete = deliver.Link.complete
 
-    def slow_complete(self, address, port):  # type: ignore[no-untyped-def]
+    def slow_complete(self, *args):  # type: ignore[no-untyped-def]
         held.set()
         assert hold.wait(30)
-        real_complete(self, address, port)
+        real_complete(self, *args)
 
     monkeypatch.setattr(deliver.Link, "complete", slow_complete)
     serving = Serving(site).start()
@@ -280,7 +283,7 @@ def test_two_concurrent_gets_never_both_get_the_bundle(site, monkeypatch):
 
 
 def test_many_parallel_gets_one_bundle(site):
-    serving = Serving(site).start()
+    serving = Serving(site, linger=2.0).start()  # a GET that connects late still gets its answer (410)
     results: list[int] = []
     threads = [threading.Thread(target=lambda: results.append(request(site, serving.url)[0])) for _ in range(8)]
     for t in threads:
@@ -485,7 +488,8 @@ def test_an_expired_server_certificate_is_refused(site, mtls, tmp_path):
     key, crt = tmp_path / "old.key", tmp_path / "old.crt"
     subprocess.run(["faketime", "2020-01-01 00:00:00", "openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
                     "ec_paramgen_curve:P-256", "-nodes", "-keyout", str(key), "-out", str(crt), "-subj", "/CN=old",
-                    "-addext", "subjectAltName=IP:127.0.0.1", "-days", "1"], check=True, capture_output=True)
+                    "-addext", "subjectAltName=IP:127.0.0.1", "-addext", "basicConstraints=critical,CA:FALSE", "-days", "1"],
+                   check=True, capture_output=True)
     err = _refused(mtls, site, "--bind", "127.0.0.1", "--cert", str(crt), "--key", str(key))
     assert f"the server certificate {crt} expired on 2020-01-02" in err
 
@@ -512,9 +516,9 @@ def test_the_link_state_machine():
     assert link.claim() == "go"
     assert not link.expire()  # a transfer in flight may still complete
     link.complete("192.0.2.7", 50000)
-    assert link.claim() == "gone" and link.finished() and link.download and link.download.address == "192.0.2.7"
+    assert link.claim() == "gone" and link.finished() and link.sent and link.sent.address == "192.0.2.7"
     other = deliver.Link()
-    assert other.expire() and other.claim() == "gone" and other.download is None
+    assert other.expire() and other.claim() == "gone" and other.sent is None
 
 
 @pytest.mark.parametrize("text,seconds", [("90s", 90), ("10m", 600), ("1h", 3600), ("24h", 86400), ("10s", 10)])
@@ -535,3 +539,341 @@ def test_the_result_json_never_holds_the_token_or_the_password(site):
     text = json.dumps(result.to_json())
     assert serving.url.rsplit("/", 1)[1] not in text and PASSWORD not in text
     assert replace(serving.opts, password="x") != serving.opts and "password" not in repr(serving.opts)
+
+
+# ------------------------------------------------------------------ review findings (F1, F3, F5, F6, F7, F8)
+
+
+def raw_get(pki: Path, url: str, path: str | None = None) -> ssl.SSLSocket:
+    """A GET over a TLS socket this test controls (when to read, close or reset); a ragged EOF raises here."""
+    m = re.fullmatch(r"https://([^/:]+):([0-9]+)(/.*)", url)
+    assert m
+    sock = socket.create_connection((m.group(1), int(m.group(2))), timeout=30)
+    tls = client_context(pki).wrap_socket(sock, server_hostname=m.group(1), suppress_ragged_eofs=False)
+    tls.sendall(f"GET {path if path is not None else m.group(3)} HTTP/1.1\r\nHost: {m.group(1)}\r\n\r\n".encode("latin-1"))
+    return tls
+
+
+def read_response(tls: ssl.SSLSocket) -> tuple[int, dict[str, str], bytes]:
+    """The status, headers and exactly Content-Length bytes of body: nothing after them is read."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = tls.recv(65536)
+        assert chunk, data
+        data += chunk
+    head, body = data.split(b"\r\n\r\n", 1)
+    lines = head.decode("latin-1").split("\r\n")
+    headers = {k.lower(): v.strip() for k, v in (line.split(":", 1) for line in lines[1:])}
+    while len(body) < int(headers["content-length"]):
+        chunk = tls.recv(65536)
+        assert chunk
+        body += chunk
+    return int(lines[0].split()[1]), headers, body
+
+
+def wait_for(predicate, timeout: float = 30) -> None:  # type: ignore[no-untyped-def]
+    end = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < end, "timed out"
+        time.sleep(0.05)
+
+
+# F1: the certificate or the bundle changed while the link waited
+
+
+def test_a_certificate_revoked_while_the_link_waits_is_not_sent(site, mtls):
+    """F1. Planted: no re-check before sending (the revoked certificate's bundle went out, exit 0)."""
+    proc, shown = start_cli(site)
+    url = URL_RE.search(shown).group(0)
+    assert mtls(["--pki-dir", str(site), "revoke", "phone", "--no-reload"]).code == 0  # the real revoke, the link open
+    status, _, body = request(site, url)
+    assert status == 410 and body == deliver.BODY_GONE  # the bundle's bytes never went out
+    assert request(site, url)[0] == 410  # and the link is closed
+    code, out, err = finish(proc)
+    assert code == 1, err
+    assert "Sent" not in out and "Nothing was sent" in err and "revoked while the link waited" in err
+    assert re.search(r"GET /<token> 410 \(not sent: the certificate of 'phone' \(serial [0-9A-F]+\) was revoked", err)
+    entry = last_audit(site)
+    assert entry["command"] == "deliver" and entry["result"] == "failed"
+    assert "not sent" in entry["error"] and "revoked" in entry["error"] and entry["details"].get("sent_at") is None
+
+
+def test_a_certificate_that_expires_while_the_link_waits_is_not_sent(site):
+    """F1, by the injected clock (the re-check judges expiry by it). Planted: expiry not re-checked."""
+    later = [timedelta(0)]
+    serving = Serving(site, clock=lambda: datetime.now(timezone.utc) + later[0]).start()
+    later[0] = timedelta(days=4000)  # past any test certificate's notAfter
+    status, _, body = request(site, serving.url)
+    assert status == 410 and body == deliver.BODY_GONE
+    result = serving.join()
+    assert result.sent is None and result.withdrawn and "expired while the link waited" in result.withdrawn
+    assert result.to_json()["withdrawn"] == result.withdrawn and result.to_json()["expired"] is False
+    assert any("GET /<token> 410 (not sent:" in line for line in serving.logs)
+    entry = last_audit(site)
+    assert entry["result"] == "failed" and "expired while the link waited" in entry["error"]
+
+
+def test_a_certificate_renewed_while_the_link_waits_is_not_sent(site, mtls):
+    """F1: renew supersedes certs/phone.crt (a new serial, a new bundle). Planted: the serial not compared."""
+    serving = Serving(site).start()
+    res = mtls(["--pki-dir", str(site), "renew", "--within", "3650", "--no-reload"])
+    assert res.code == 0, res.err
+    status, _, body = request(site, serving.url)
+    assert status == 410 and body == deliver.BODY_GONE
+    result = serving.join()
+    assert result.sent is None and "is now serial" in (result.withdrawn or "") and result.serial in (result.withdrawn or "")
+
+
+def test_a_bundle_rewritten_while_the_link_waits_is_not_sent(site, mtls):
+    """F1: certs/phone.p12 is no longer the bytes checked. Planted: the bundle file not re-read."""
+    assert mtls(["--pki-dir", str(site), "add-client", "tablet", "--password-stdin"], stdin=PASSWORD + "\n").code == 0
+    serving = Serving(site).start()
+    (site / "certs/phone.p12").write_bytes((site / "certs/tablet.p12").read_bytes())
+    status, _, body = request(site, serving.url)
+    assert status == 410 and body == deliver.BODY_GONE
+    assert "certs/phone.p12 changed" in (serving.join().withdrawn or "")
+
+
+def test_while_a_writer_holds_the_pki_nothing_is_sent_unchecked(site, monkeypatch):
+    """F1: the re-check waits RECHECK_LOCK_SECONDS for the shared lock; a writer holding the PKI longer gets the GET
+    a 503 and the link stays open. Planted: the bundle sent when the lock could not be had."""
+    monkeypatch.setattr(deliver, "RECHECK_LOCK_SECONDS", 0.5)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys\nfrom pathlib import Path\nfrom mtlsctl import files\n"
+         "with files.pki_lock(Path(sys.argv[1]) / files.LOCK_FILE):\n    print('held', flush=True)\n    sys.stdin.read()\n",
+         str(site)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    try:
+        serving = Serving(site).start()
+        assert holder.stdout is not None and holder.stdout.readline() == "held\n"
+        status, headers, body = request(site, serving.url)
+        assert status == 503 and body == deliver.BODY_PKI_BUSY and headers["retry-after"] == "30"
+    finally:
+        holder.communicate("", timeout=30)
+    status, _, body = request(site, serving.url)
+    assert status == 200 and body == (site / "certs/phone.p12").read_bytes()
+    assert serving.join().delivered
+
+
+@pytest.mark.parametrize("tiered_pki", ["single"], indirect=True)
+def test_a_recheck_that_breaks_sends_nothing_and_ends_the_link(site, monkeypatch):
+    """F1: an unexpected error in the re-check. Planted: no catch-all (the request died holding the claim: the link
+    stayed 'sending' and the delivery never ended)."""
+
+    def broken(*args):  # type: ignore[no-untyped-def]
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(deliver, "still_current", broken)
+    serving = Serving(site, valid_for="10s").start()
+    status, _, body = request(site, serving.url)
+    assert status == 410 and body == deliver.BODY_GONE
+    result = serving.join()
+    assert result.sent is None and result.withdrawn == "the PKI could not be checked again (RuntimeError)"
+
+
+# F3: every spelling of "every interface", and IPv4-mapped addresses
+
+
+EVERY_INTERFACE = [("0.0.0.0", "0.0.0.0"), ("::", "::"), ("::0.0.0.0", "::"), ("0:0:0:0:0:0:0:0", "::")]
+IPV4_MAPPED = [("::ffff:0.0.0.0", "0.0.0.0"), ("::ffff:0:0", "0.0.0.0"), ("::ffff:127.0.0.1", "127.0.0.1")]
+
+
+def _profile_refuses(mtls, pki: Path, tmp_path: Path, bind: str) -> str:  # type: ignore[no-untyped-def]
+    profile = tmp_path / "bind.yaml"
+    profile.write_text(f"deliver: {{bind: '{bind}'}}\n")
+    res = mtls(["--pki-dir", str(pki), "--profile", str(profile), "deliver", "phone", "--port", str(free_port()),
+                "--for", "10s"])
+    assert res.code == 2 and "invalid profile" in res.err and "Traceback" not in res.err and "https://" not in res.out, res
+    return res.err
+
+
+def _core_refuses(pki: Path, bind: str) -> str:
+    """For a profile that reached the core unvalidated (model_construct)."""
+    from mtlsctl.pki import Settings
+    from mtlsctl.profile import DeliverProfile, default_profile
+
+    settings = resolve_settings(pki, None, environ={})
+    unchecked = Settings(settings.pki, default_profile().model_copy(
+        update={"deliver": DeliverProfile.model_construct(bind=bind, port=8443, valid_for="10m")}), "test")
+    with pytest.raises(InputError) as refused:
+        deliver.options(unchecked, "phone", bind=None, port=None, valid_for=None, fmt=None)
+    return refused.value.message
+
+
+@pytest.mark.parametrize("tiered_pki", ["single"], indirect=True)
+def test_every_interface_in_any_spelling_only_as_bind(site, mtls, tmp_path):
+    """F3. Planted: ::0.0.0.0 or 0:0:0:0:0:0:0:0 taken for a particular address."""
+    for form, canonical in EVERY_INTERFACE:
+        assert f"only as --bind {canonical}" in _profile_refuses(mtls, site, tmp_path, form), form
+        assert f"only as --bind {canonical}" in _core_refuses(site, form), form
+        opts = deliver.options(resolve_settings(site, None, environ={}), "phone", bind=form, port=8443, valid_for=None,
+                               fmt=None)
+        assert opts.bind == canonical, form
+
+
+@pytest.mark.parametrize("tiered_pki", ["single"], indirect=True)
+def test_ipv4_mapped_addresses_are_refused_everywhere(site, mtls, tmp_path):
+    """F3: ::ffff:0.0.0.0 listens on every IPv4 interface (Python 3.11 does not call it unspecified). Planted: no
+    IPv4-mapped check (the profile's ::ffff:0.0.0.0 was accepted)."""
+    for form, ipv4 in IPV4_MAPPED:
+        wanted = f"IPv4-mapped IPv6 address{' (every IPv4 interface)' if ipv4 == '0.0.0.0' else ''}; give its IPv4 form, {ipv4}"
+        assert wanted in _profile_refuses(mtls, site, tmp_path, form), form
+        assert wanted in _core_refuses(site, form), form
+        err = _refused(mtls, site, "--bind", form)
+        assert f"--bind {form} is an {wanted}" in err, err
+
+
+# F5: sent, then the TLS session closed; a reset does not re-open the link
+
+
+def test_the_bundle_counts_as_sent_once_the_tls_session_is_closed(site):
+    """F5. Planted: the link used up as soon as the last byte reached the kernel (no close_notify, no waiting for
+    the device): the server's close is then a ragged EOF here, and the 'sent' line comes before the device closed."""
+    serving = Serving(site).start()
+    tls = raw_get(site, serving.url)
+    status, headers, body = read_response(tls)
+    assert status == 200 and body == (site / "certs/phone.p12").read_bytes()
+    assert tls.recv(1) == b""  # the server's close_notify: a TCP close without one raises SSLEOFError here
+    time.sleep(0.5)
+    assert not any(" 200 (" in line for line in serving.logs) and serving.result is None  # it waits for the device
+    tls.unwrap()  # the device's close_notify
+    tls.close()
+    result = serving.join()
+    assert result.sent is not None and result.sent.ending == "closed"
+    assert any(re.fullmatch(r"127\.0\.0\.1 GET /<token> 200 \([0-9]+ bytes sent, the device closed the connection; "
+                            r"the link is used up\)", line) for line in serving.logs), serving.logs
+    details = last_audit(site)["details"]
+    assert details["connection_end"] == "closed" and details["sent_at"] == result.sent.at.isoformat()
+
+
+@pytest.mark.parametrize("tiered_pki", ["single"], indirect=True)
+@pytest.mark.parametrize("ending", ["reset", "timeout"])
+def test_a_device_that_resets_or_never_closes_still_used_the_link(site, monkeypatch, ending):
+    """F5: the whole body was sent; a reset (or no close) after it does not show the device lacks the file, so the
+    link stays used (re-opening it could hand out a second copy). Planted: the link released on a reset."""
+    import struct
+
+    monkeypatch.setattr(deliver, "CLOSE_WAIT_SECONDS", 0.5)
+    serving = Serving(site, linger=2.0).start()
+    tls = raw_get(site, serving.url)
+    status, _, body = read_response(tls)
+    assert status == 200 and body == (site / "certs/phone.p12").read_bytes()
+    if ending == "reset":
+        tls.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # close = RST
+        tls.close()
+    wait_for(lambda: any(" 200 (" in line for line in serving.logs))
+    assert request(site, serving.url)[0] == 410  # no second copy
+    tls.close()
+    result = serving.join()
+    assert result.sent is not None and result.sent.ending == ending
+    assert any(deliver.CLOSE_ENDINGS[ending] in line and "bytes sent" in line for line in serving.logs), serving.logs
+
+
+# F6: never a CA's certificate or key in the server
+
+
+def test_a_ca_certificate_or_key_is_never_the_servers(site, mtls, tmp_path):
+    """F6. Planted, each alone: no basicConstraints check; no same-file check on the key; no public-key comparison."""
+    bind = ["--bind", "127.0.0.1"]
+    server_crt, server_key = str(site / "certs/localhost.crt"), str(site / "private/localhost.key")
+    # a CA certificate from elsewhere, with its own key (openssl req -x509 makes CA:TRUE by default): would serve
+    other_key, other = tmp_path / "other.key", tmp_path / "other.crt"
+    openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-keyout", str(other_key),
+            "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1", "-days", "1", "-out", str(other))
+    assert "is a CA certificate (basicConstraints CA:TRUE)" in _refused(mtls, site, *bind, "--cert", str(other), "--key",
+                                                                        str(other_key))
+    cas = [("ca/ca.crt", "private/ca.key")] + ([("ca/root.crt", "private/root.key")] if is_two_tier(site) else [])
+    for crt, key in cas:
+        err = _refused(mtls, site, *bind, "--cert", str(site / crt), "--key", str(site / key))
+        assert f"is the CA's private key ({key})" in err and len(err.strip().splitlines()) <= 2
+        err = _refused(mtls, site, *bind, "--cert", str(site / crt), "--key", server_key)
+        assert "is a CA certificate (basicConstraints CA:TRUE)" in err
+    # the CA key under another name: a symbolic link (samefile; without the check tls_context refuses it as a mismatch)
+    link = tmp_path / "server.key"
+    link.symlink_to(site / "private/ca.key")
+    assert "is the CA's private key (private/ca.key)" in _refused(mtls, site, *bind, "--cert", server_crt, "--key", str(link))
+    # a copy of the CA key behind a leaf certificate made for it (no CA, names 127.0.0.1, serverAuth): would serve
+    copy, leaf = tmp_path / "copy.key", tmp_path / "leaf.crt"
+    copy.write_bytes((site / "private/ca.key").read_bytes())
+    copy.chmod(0o600)
+    openssl("req", "-x509", "-key", str(copy), "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+            "-addext", "basicConstraints=critical,CA:FALSE", "-addext", "extendedKeyUsage=serverAuth", "-days", "1",
+            "-out", str(leaf))
+    assert "has the public key of ca/ca.crt" in _refused(mtls, site, *bind, "--cert", str(leaf), "--key", str(copy))
+
+
+# F7, F8: an overlong request line; log lines from many threads at once
+
+
+@pytest.mark.parametrize("tiered_pki", ["single"], indirect=True)
+def test_an_overlong_request_line_gets_414_without_a_traceback(site):
+    """F7. Planted: requestline/request_version/command not set before the 414 (AttributeError in send_response:
+    no answer, 'connection error')."""
+    proc, shown = start_cli(site)
+    url = URL_RE.search(shown).group(0)
+    tls = raw_get(site, url, path="/" + "a" * 70_000)
+    status, _, body = read_response(tls)
+    tls.close()
+    assert status == 414 and body == deliver.BODY_TOO_LONG
+    assert request(site, url)[0] == 200  # the link was not used up
+    code, _, err = finish(proc)
+    assert code == 0, err
+    assert "Traceback" not in err and "connection error" not in err and "? <long request line> 414" in err
+
+
+LOG_LINE = re.compile(r"[0-9]{2}:[0-9]{2}:[0-9]{2} (?:127\.0\.0\.1 (?:GET|\?) /<(?:token|wrong path)> [0-9]{3}(?: \(.*\))?"
+                      r"|127\.0\.0\.1 (?:TLS handshake failed \(.*\)|connection error)"
+                      r"|sent; answering 410 for [0-9.]+s, then stopping)")
+
+
+# The child's stderr as an unbuffered stream on a slow reader (PYTHONUNBUFFERED=1, a terminal over ssh): every write()
+# is its own syscall, and the thread gives up the interpreter while it waits. print() writes the line and its newline
+# apart: between the two, another request thread writes its own line.
+SLOW_STDERR = """\
+import io, os, sys, time
+import mtlsctl.deliver as d
+d.LINGER_SECONDS = 5.0
+
+
+class SlowStderr(io.RawIOBase):
+    def writable(self):
+        return True
+
+    def write(self, data):
+        written = os.write(2, bytes(data))
+        time.sleep(0.002)
+        return written
+
+
+sys.stderr = io.TextIOWrapper(SlowStderr(), encoding="utf-8", write_through=True)
+"""
+
+
+@pytest.mark.parametrize("tiered_pki", ["single"], indirect=True)
+def test_log_lines_from_60_concurrent_requests_never_interleave(site):
+    """F8: each line one write, under a lock. Planted: print() (the line, then the newline: two writes, and
+    the lines of concurrent requests run into each other)."""
+    proc, shown = start_cli(site, patch=SLOW_STDERR)
+    url = URL_RE.search(shown).group(0)
+    base = url.rsplit("/", 1)[0]
+    go = threading.Barrier(60)
+    statuses: list[int | str] = []
+
+    def one(i: int) -> None:
+        go.wait()
+        try:
+            statuses.append(request(site, url if i % 3 else f"{base}/wrong{i}")[0])
+        except (OSError, http.client.HTTPException) as exc:
+            statuses.append(repr(exc))
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(60)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    code, _, err = finish(proc)
+    assert code == 0, err
+    assert statuses.count(200) == 1 and len(statuses) == 60 and set(statuses) <= {200, 404, 409, 410}, statuses
+    lines = err.split("\n")
+    assert lines[-1] == "" and len(lines) > 60
+    bad = [line for line in lines[:-1] if not LOG_LINE.fullmatch(line)]
+    assert not bad, bad
