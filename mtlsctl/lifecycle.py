@@ -559,40 +559,63 @@ def superseded_rows(rows: list[db.IndexRow], now: datetime) -> list[db.IndexRow]
     return [row for row in rows if row.cn in newest and row.is_active(now) and row.serial != newest[row.cn].serial]
 
 
-def due_in_index(index: Path, within_days: int, now: datetime) -> list[db.IndexRow]:
-    """due_for_renewal over index.txt read as a stream (renew, every night, over 100,000 rows): a row becomes
-    an IndexRow only when it is valid and ends within the window. When none does, that one pass is all; when
-    some do, a second pass drops a name that also has a valid certificate ending after the window (its newest).
+def scan_for_renewal(index: Path, within_days: int, now: datetime) -> tuple[list[db.IndexRow], set[str]]:
+    """One pass over index.txt for `renew` (every night, over 100,000 rows): what is due (due_for_renewal's rows,
+    in its order) and the names that may have more than one valid row (superseded_in_index's candidates: exact
+    for names seen twice, plus a few whose bit in the fixed bitmap another name took).
 
-    Same rows, same order: a name is due only when all its valid rows end within the window, so its first
-    valid row is its first row inside the window, where due_for_renewal's dictionary placed it."""
+    A row becomes an IndexRow only when it is valid and ends within the window. When some do, a second pass over
+    those names alone drops a name that also has a valid certificate ending after the window (its newest). Same
+    rows, same order as due_for_renewal: a name is due only when all its valid rows end within the window, so its
+    first valid row is its first row inside the window, where due_for_renewal's dictionary placed it."""
     now_key, horizon = db.now_key(now), db.now_key(now + timedelta(days=within_days))
     found: dict[str, db.IndexLine] = {}
+    seen, repeated = _SeenNames(), set()
     for line in db.scan_index(index):
-        if line.status == "V" and now_key < line.expires <= horizon and (cn := line.cn):
+        if line.status != "V" or line.expires <= now_key or not (cn := line.cn):
+            continue
+        if seen.again(cn):
+            repeated.add(cn)
+        if line.expires <= horizon:
             held = found.get(cn)
             if held is None or line.expires >= held.expires:
                 found[cn] = line
     if found:
-        for line in db.scan_index(index):
+        for line in _lines_named(index, set(found)):
             if line.status == "V" and line.expires > horizon and (cn := line.cn) in found:
                 del found[cn]
-    return [line.row() for line in found.values()]
+    return [line.row() for line in found.values()], repeated
 
 
-def superseded_in_index(index: Path, now: datetime) -> list[db.IndexRow]:
-    """superseded_rows over index.txt read as a stream: the names with more than one valid row are found in
-    fixed memory (_SeenNames); only when there are some does a second pass pick their rows."""
+def due_in_index(index: Path, within_days: int, now: datetime) -> list[db.IndexRow]:
+    """due_for_renewal over index.txt read as a stream (scan_for_renewal)."""
+    return scan_for_renewal(index, within_days, now)[0]
+
+
+def _lines_named(index: Path, names: set[str]) -> Iterator[db.IndexLine]:
+    """The rows whose subject's CN is in `names`, found from the subject field alone: the other rows are not
+    parsed (a pass before this one checked the whole file, under the same lock)."""
+    source = str(index)
+    for lineno, line in db.index_lines(index):
+        if db.cn_of(line.rpartition("\t")[2]) in names:
+            yield db.check_line(line, lineno, source)
+
+
+def superseded_in_index(index: Path, now: datetime, repeated: set[str] | None = None) -> list[db.IndexRow]:
+    """superseded_rows over index.txt read as a stream: the names that may have more than one valid row
+    (`repeated`, from scan_for_renewal when index.txt has not changed since, else found here in fixed memory);
+    only when there are some does a second pass read their rows."""
     now_key, horizon = db.now_key(now), db.now_key(now + timedelta(days=36500))
-    seen, repeated = _SeenNames(), set()
-    for line in db.scan_index(index):
-        if line.status == "V" and line.expires > now_key and (cn := line.cn) and seen.again(cn):
-            repeated.add(cn)
+    if repeated is None:
+        seen, repeated = _SeenNames(), set()
+        for line in db.scan_index(index):
+            if line.status == "V" and line.expires > now_key and (cn := line.cn) and seen.again(cn):
+                repeated.add(cn)
     if not repeated:
         return []
     active: list[db.IndexLine] = []
     newest: dict[str, db.IndexLine] = {}
-    for line in db.scan_index(index):
+    for line in _lines_named(index, repeated):
         if line.status == "V" and line.expires > now_key and (cn := line.cn) in repeated:
             active.append(line)
             held = newest.get(cn)
@@ -768,7 +791,7 @@ def renew(settings: Settings, *, within_days: int | None = None, days: int | Non
     # The run is remembered as it ends (metrics: the last renew run, even one with nothing due); the audit log
     # gets its changes once they are committed, and a run that stops on an error a "failed" line.
     with pki_lock(pki.lock_path), renew_run_recorded(pki, report), audit.failures_recorded(pki, "renew"):
-        report.due = due_in_index(pki.path(pki.index), within, now)
+        report.due, repeated = scan_for_renewal(pki.path(pki.index), within, now)
         for row in report.due:
             try:
                 report.renewed.append(_renew_one(settings, row, new_days, now, runner))
@@ -780,7 +803,8 @@ def renew(settings: Settings, *, within_days: int | None = None, days: int | Non
         if facts.renew_revoke_superseded:
             # A renewal interrupted between issuing the new certificate and revoking the old one (or whose
             # revocation failed above) is finished here: an older valid certificate of a renewed name goes.
-            for row in superseded_in_index(pki.path(pki.index), now):
+            # nothing renewed: index.txt is as the scan above read it (the lock is held), its candidates hold
+            for row in superseded_in_index(pki.path(pki.index), now, None if report.due else repeated):
                 try:
                     with Transaction(pki.root) as tx:
                         revoke_row(pki, row, "superseded", runner, tx)
