@@ -801,7 +801,6 @@ def export_client(settings: Settings, name: str, *, p12: str | None, password: s
         raise InputError(f"--out {target} is not a regular file", hint="give a file name (or a directory) for the bundle")
     if not target.parent.is_dir():
         raise InputError(f"--out {target}: directory {target.parent} does not exist")
-    refuse_pki_target(pki, target, f"certs/{file_name}")
     if not pki.path(files.key).exists():
         raise InputError(f"no private key for {name!r} ({files.key} missing)",
                          hint="a bundle needs the key; a CSR signed elsewhere has none here")
@@ -812,6 +811,7 @@ def export_client(settings: Settings, name: str, *, p12: str | None, password: s
         target.exists() and own_p12.exists() and os.path.samefile(target, own_p12))
     if own_bundle and chosen == "mobileconfig":
         raise InputError(f"--out {target} is the client's PKCS#12 bundle", hint=f"write the profile elsewhere, e.g. certs/{file_name}")
+    refuse_pki_target(pki, target, f"certs/{file_name}")
     secret_file = pki.path(password_file(name))
     if own_bundle:
         refuse_symlink(secret_file)
