@@ -148,12 +148,19 @@ def read_password(password_stdin: bool, password_file: Path | None) -> str | Non
                              hint="e.g. printf '%s\\n' \"$PASS\" | mtlsctl ...")
         return validate.password(validate.strip_one_newline(read_bounded(sys.stdin, "standard input")), source="stdin")
     if password_file is not None:
-        try:
-            text = read_bounded(password_file, f"--password-file {password_file}")
-        except OSError as exc:
-            raise InputError(f"cannot read --password-file {password_file}: {exc.strerror if isinstance(exc, OSError) else exc}") from None
-        return validate.password(validate.strip_one_newline(text), source=str(password_file))
+        return secret_from_file(password_file, "--password-file")
     return None
+
+
+def secret_from_file(path: Path, option: str) -> str:
+    """The password or passphrase in the first line of a file named by `option` (bounded, validated)."""
+    from mtlsctl import validate
+
+    try:
+        text = read_bounded(path, f"{option} {path}")
+    except OSError as exc:
+        raise InputError(f"cannot read {option} {path}: {exc.strerror or exc}") from None
+    return validate.password(validate.strip_one_newline(text), source=str(path))
 
 
 def read_passphrase(file: Path | None, fd: int | None, *, prompt: bool, confirm: bool, what: str = "backup passphrase",
@@ -165,11 +172,7 @@ def read_passphrase(file: Path | None, fd: int | None, *, prompt: bool, confirm:
     if file is not None and fd is not None:
         raise InputError(f"give only one of {option}")
     if file is not None:
-        try:
-            text = read_bounded(file, f"--passphrase-file {file}")
-        except OSError as exc:
-            raise InputError(f"cannot read --passphrase-file {file}: {exc.strerror}") from None
-        return validate.password(validate.strip_one_newline(text), source=str(file))
+        return secret_from_file(file, "--passphrase-file")
     if fd is not None:
         try:
             text = read_bounded(fd, f"--passphrase-fd {fd}")
