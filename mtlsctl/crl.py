@@ -174,29 +174,43 @@ def read_crl_info_or_none(pki: Pki, runner: Runner) -> CrlInfo | None:
         return None
 
 
-def is_due(info: CrlInfo | None, refresh_within_days: int, now: datetime | None = None, pki: Pki | None = None) -> bool:
+def is_due(info: CrlInfo | None, refresh_within_days: int, now: datetime | None = None, pki: Pki | None = None,
+           revoked: set[str] | None = None) -> bool:
     """A CRL is due when missing, when its nextUpdate is within the refresh window, or (given the PKI) when it
     lacks a serial that index.txt says is revoked: a run killed between `openssl ca -revoke` and `-gencrl`
-    leaves the revocation in the database but not in the CRL nginx reads, and only a new CRL closes that."""
+    leaves the revocation in the database but not in the CRL nginx reads, and only a new CRL closes that.
+    `revoked`: index.txt's revoked serials when the caller has just read them (see missing_revocations)."""
     now = now or datetime.now(timezone.utc)
     if info is None or info.next_update - now <= timedelta(days=refresh_within_days):
         return True
-    return pki is not None and bool(missing_revocations(pki))
+    return pki is not None and bool(missing_revocations(pki, revoked))
 
 
-def missing_revocations(pki: Pki) -> list[str]:
-    """Serials index.txt marks revoked (R) that crl/ca.crl does not list (parsed, not text)."""
+def revoked_serials(index: Path) -> set[str]:
+    """The serials index.txt marks revoked (R), normalised; every row checked, none made into objects."""
     from mtlsctl import db
-    from mtlsctl.x509read import load_crl, serial_hex
 
-    revoked = {db.normalize_serial(r.serial) for r in db.read_index(pki.path(pki.index)) if r.status == "R"}
+    return {line.serial for line in db.scan_index(index) if line.status == "R"}
+
+
+def missing_revocations(pki: Pki, revoked: set[str] | None = None) -> list[str]:
+    """Serials index.txt marks revoked (R) that crl/ca.crl does not list (parsed, not text). `revoked`: those
+    serials, when the caller read them from this index.txt under the lock it still holds (renew's one pass)."""
+    from mtlsctl import db
+    from mtlsctl.x509read import crl_serials
+
+    if revoked is None:
+        revoked = revoked_serials(pki.path(pki.index))
     if not revoked:
         return []
     try:
-        listed = {serial_hex(entry.serial_number) for entry in load_crl(pki.path(pki.crl).read_bytes(), pki.crl)}
-    except (OSError, StateError):
+        listed = crl_serials(pki.path(pki.crl))
+    except StateError:
         return sorted(revoked)
-    return sorted(revoked - {db.normalize_serial(s) for s in listed})
+    missing = revoked - listed  # crl_serials spells serials as index.txt's rows do (normalised)
+    if missing:
+        missing -= {db.normalize_serial(s) for s in listed}
+    return sorted(missing)
 
 
 @dataclass(frozen=True)

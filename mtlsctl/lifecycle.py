@@ -559,7 +559,8 @@ def superseded_rows(rows: list[db.IndexRow], now: datetime) -> list[db.IndexRow]
     return [row for row in rows if row.cn in newest and row.is_active(now) and row.serial != newest[row.cn].serial]
 
 
-def scan_for_renewal(index: Path, within_days: int, now: datetime) -> tuple[list[db.IndexRow], set[str]]:
+def scan_for_renewal(index: Path, within_days: int, now: datetime,
+                     revoked: set[str] | None = None) -> tuple[list[db.IndexRow], set[str]]:
     """One pass over index.txt for `renew` (every night, over 100,000 rows): what is due (due_for_renewal's rows,
     in its order) and the names that may have more than one valid row (superseded_in_index's candidates: exact
     for names seen twice, plus a few whose bit in the fixed bitmap another name took).
@@ -567,12 +568,16 @@ def scan_for_renewal(index: Path, within_days: int, now: datetime) -> tuple[list
     A row becomes an IndexRow only when it is valid and ends within the window. When some do, a second pass over
     those names alone drops a name that also has a valid certificate ending after the window (its newest). Same
     rows, same order as due_for_renewal: a name is due only when all its valid rows end within the window, so its
-    first valid row is its first row inside the window, where due_for_renewal's dictionary placed it."""
+    first valid row is its first row inside the window, where due_for_renewal's dictionary placed it.
+
+    `revoked`, when given, gets the serials of the revoked rows (the same pass: is the CRL missing one?)."""
     now_key, horizon = db.now_key(now), db.now_key(now + timedelta(days=within_days))
     found: dict[str, db.IndexLine] = {}
     seen, repeated = _SeenNames(), set()
     for line in db.scan_index(index):
         if line.status != "V" or line.expires <= now_key or not (cn := line.cn):
+            if revoked is not None and line.status == "R":
+                revoked.add(line.serial)
             continue
         if seen.again(cn):
             repeated.add(cn)
@@ -791,7 +796,8 @@ def renew(settings: Settings, *, within_days: int | None = None, days: int | Non
     # The run is remembered as it ends (metrics: the last renew run, even one with nothing due); the audit log
     # gets its changes once they are committed, and a run that stops on an error a "failed" line.
     with pki_lock(pki.lock_path), renew_run_recorded(pki, report), audit.failures_recorded(pki, "renew"):
-        report.due, repeated = scan_for_renewal(pki.path(pki.index), within, now)
+        revoked: set[str] = set()
+        report.due, repeated = scan_for_renewal(pki.path(pki.index), within, now, revoked)
         for row in report.due:
             try:
                 report.renewed.append(_renew_one(settings, row, new_days, now, runner))
@@ -813,7 +819,8 @@ def renew(settings: Settings, *, within_days: int | None = None, days: int | Non
                 except MtlsError as exc:
                     report.failed.append(RenewFailure(row.cn or "", row.serial, f"superseded, not revoked: {exc.message}"))
         current = read_crl_info_or_none(pki, runner)
-        if report.renewed or report.superseded or is_due(current, facts.crl_refresh_within_days, now, pki):
+        # nothing renewed or revoked: index.txt is still the one scanned above (under this lock), so are its revocations
+        if report.renewed or report.superseded or is_due(current, facts.crl_refresh_within_days, now, pki, revoked):
             with Transaction(pki.root) as tx:
                 generate_crl(pki, settings.profile.crl.days, runner, tx, now)
                 tx.checkpoint()

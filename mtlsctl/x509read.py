@@ -13,6 +13,7 @@ never read a certificate (`list`, `--help`) do not pay for the import.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
@@ -435,6 +436,27 @@ def _crl_load(value: Any) -> CrlFacts:
     return CrlFacts(this_update=_utc(value["this_update"]),
                     next_update=None if value["next_update"] is None else _utc(value["next_update"]),
                     crl_number=number, revoked=revoked, issuer=issuer)
+
+
+_SERIALS_RE = re.compile(r"(?:[0-9A-F]{2})+(?:,(?:[0-9A-F]{2})+)*", re.ASCII)
+
+
+def crl_serials(path: Path) -> frozenset[str]:
+    """The serials a CRL lists (serial_hex form), parsed from its DER; remembered by its bytes (mtlsctl/cache.py):
+    `renew` asks every night whether index.txt's revocations are all in it, and 20,000 entries take cryptography's
+    import and 0.1 s to read. StateError when the file cannot be read or is not a CRL."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise StateError(f"cannot read {path}: {exc.strerror}", hint="regenerate it: mtlsctl crl") from None
+    return _derived("crl_serials", data, lambda: frozenset(serial_hex(e.serial_number) for e in load_crl(data, str(path))),
+                    lambda serials: ",".join(sorted(serials)), _serials_load)
+
+
+def _serials_load(value: Any) -> frozenset[str]:
+    if not isinstance(value, str) or (value and not _SERIALS_RE.fullmatch(value)):
+        raise ValueError("not a list of serials")
+    return frozenset(value.split(",")) if value else frozenset()
 
 
 def crl_signed_by(crl_path: Path, ca_path: Path) -> bool:

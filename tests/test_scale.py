@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from mtlsctl import db, lifecycle
+from mtlsctl import crl, db, lifecycle
 from mtlsctl.errors import StateError
 from mtlsctl.pki import ClientFiles, resolve_settings
 
@@ -370,8 +370,10 @@ def test_renew_scans_pick_what_the_list_based_ones_picked(tmp_path, seed):
     rows = db.read_index(index)
     for within in (0, 10, 30, 45, 400):
         now = NOW + timedelta(microseconds=rng.randint(0, 999_999))
-        due, repeated = lifecycle.scan_for_renewal(index, within, now)
+        revoked: set[str] = set()
+        due, repeated = lifecycle.scan_for_renewal(index, within, now, revoked)
         assert due == lifecycle.due_for_renewal(rows, within, now)
+        assert revoked == {r.serial for r in rows if r.status == "R"} == crl.revoked_serials(index) and revoked
         expected = lifecycle.superseded_rows(rows, now)
         assert lifecycle.superseded_in_index(index, now) == expected and expected
         assert lifecycle.superseded_in_index(index, now, repeated) == expected  # renew reuses the scan's candidates
@@ -469,3 +471,30 @@ def test_the_scale_benchmark_runs_quick(tmp_path):
     assert figures[0]["guide"]["renew_none"] > 0  # the guide's loop ran
     if "--plot" in argv:
         assert (tmp_path / "scale.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_crl_serials_remembered_are_those_openssl_listed(tiered_pki, monkeypatch):
+    """renew asks every night whether the CRL lists every revocation: the serials read from the CRL's DER once,
+    then remembered by its bytes; what the cache returns is what openssl's CRL lists, and a cache entry that is
+    not a list of serials is read again from the CRL."""
+    from mtlsctl import cache
+    from mtlsctl.x509read import crl_serials
+
+    from .conftest import openssl
+
+    pki = tiered_pki
+    set_profile(pki, nginx={"reload_command": "", "test_command": ""})
+    serials = []
+    for name in ("a", "b", "c"):
+        serials.append(json.loads(run_cli(["--pki-dir", str(pki), "add-client", name, "--json"]).out)["serial"])
+    for name in ("a", "c"):
+        assert run_cli(["--pki-dir", str(pki), "revoke", name, "--no-reload"]).code == 0
+    text = openssl("crl", "-in", "crl/ca.crl", "-noout", "-text", cwd=pki).stdout
+    listed = {line.split(":")[1].strip() for line in text.splitlines() if line.strip().startswith("Serial Number:")}
+    assert listed == {serials[0], serials[2]}
+    path = pki / "crl/ca.crl"
+    assert crl_serials(path) == listed == crl_serials(path)  # computed, then from the cache
+    assert crl.missing_revocations(resolve_settings(str(pki), None, environ={}).pki) == []
+    for junk in ("zz", "0A,", 7, ["0A"], "0A,0B;rm"):
+        monkeypatch.setattr(cache, "get", lambda kind, key, junk=junk: junk)
+        assert crl_serials(path) == listed
