@@ -218,7 +218,7 @@ def refuse_conflicts(pki: Pki, name: str, *, replacing: bool = False) -> RetireP
     in archive/NAME/; files at NAME's paths that no certificate of NAME in index.txt accounts for. Files of a
     name whose certificates are all revoked or expired are not a conflict: they are archived (plan_retire).
     """
-    rows = db.read_index(pki.path(pki.index))
+    rows = db.rows_named(pki.path(pki.index), name, ignore_case=True)  # NAME's rows and its case variants
     # nginx compares allowlist map keys without case: `Admin` must not be issued beside an active `admin`.
     active = [r for r in rows if (r.cn or "").lower() == name.lower() and r.is_active()]
     other_case = [r for r in active if r.cn != name]
@@ -243,7 +243,7 @@ def refuse_conflicts(pki: Pki, name: str, *, replacing: bool = False) -> RetireP
     if links:  # a dangling one too: openssl would create its target wherever it points
         raise InputError(f"{pki.path(links[0])} is a symbolic link; mtlsctl never writes through one",
                          hint="remove it: mtlsctl creates the files of a client itself")
-    return plan_retire(pki, name, rows)
+    return plan_retire(pki, name, [r for r in rows if r.cn == name])
 
 
 # ------------------------------------------------------------------ the archive of a name's retired files
@@ -297,8 +297,7 @@ def plan_retire(pki: Pki, name: str, rows: list[db.IndexRow] | None = None) -> R
     present = tuple(rel for rel in name_files(name) if os.path.lexists(pki.path(rel)))
     if not present:
         return None
-    rows = db.read_index(pki.path(pki.index)) if rows is None else rows
-    own = [r for r in rows if r.cn == name]
+    own = db.rows_named(pki.path(pki.index), name) if rows is None else [r for r in rows if r.cn == name]
     if not own:
         raise InputError(
             f"files for {name!r} already exist: {', '.join(present)}, and index.txt has no certificate of that name",
@@ -365,7 +364,7 @@ def retire(pki: Pki, name: str, tx: Transaction, *, replacing: bool = False) -> 
     plan = refuse_conflicts(pki, name, replacing=replacing)
     if plan is None:
         return None
-    if any(r.status == "V" for r in db.read_index(pki.path(pki.index)) if r.cn == name):
+    if any(r.status == "V" for r in db.rows_named(pki.path(pki.index), name)):
         allow_same_subject(pki, tx)  # an expired row is still V: with unique_subject = yes openssl refuses the new one
     made: list[Path] = []
     root_fd = os.open(pki.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -467,7 +466,7 @@ def sign_into_database(pki: Pki, cmd: Command, name: str, crt: str, runner: Runn
     runner.run(cmd, cwd=pki.root)
     normalize_modes(pki.root, DB_FILES_WITH_BACKUPS)
     normalize_modes(pki.root, (newcert,))
-    rows = [r for r in db.read_index(pki.path(pki.index)) if r.serial == serial]
+    rows = db.rows_with_serial(pki.path(pki.index), serial)
     if len(rows) != 1 or rows[0].status != "V" or rows[0].cn != name:
         raise StateError(
             f"openssl ca exited 0 but serial {serial} for {name} is not (uniquely) in index.txt",
@@ -707,8 +706,8 @@ def current_row(pki: Pki, name: str) -> db.IndexRow:
     crt = pki.path(files.crt)
     if not crt.exists():
         raise InputError(f"no certificate for {name!r} ({files.crt} missing)", hint="see `mtlsctl list`, or issue one with add-client")
-    for row in reversed(db.read_index(pki.path(pki.index))):
-        if row.cn == name and db.same_certificate(crt, pki.path(db.newcert_path(row.serial))):
+    for row in reversed(db.rows_named(pki.path(pki.index), name)):
+        if db.same_certificate(crt, pki.path(db.newcert_path(row.serial))):
             return row
     raise StateError(f"{files.crt} is not in this CA's database", hint="it was not issued by this PKI")
 

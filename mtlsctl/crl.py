@@ -110,7 +110,7 @@ def check_new_crl(pki: Pki, rel: str, ca: str, now: datetime) -> None:
 def generate_crl(pki: Pki, days: int, runner: Runner, tx: Transaction, now: datetime | None = None) -> None:
     """Write crl/ca.crl (mode 644) from the database; the crlnumber change is rolled back with `tx`."""
     now = now or datetime.now(timezone.utc)
-    protect_database(pki.root, tx)
+    protect_database(pki.root, tx, signs=False)
     tmp = pki.path(CRL_TMP)
     tx.may_create(tmp)
     runner.run(gencrl_command(days, now), cwd=pki.root)

@@ -282,7 +282,7 @@ def run_demo(directory: Path, port: int | None, keep: bool, runner: Runner) -> D
             report.created.append(f"client {name}")
     lifecycle.revoke(settings, name=LOST, serial_hex=None, why="keyCompromise", runner=runner)
     for name in (ALLOWED, GUEST):  # changed by hand since the last run (revoked, say): the outcomes will differ
-        if not any(r.cn == name and r.is_active() for r in db.read_index(pki.path(pki.index))):
+        if not any(r.is_active() for r in db.rows_named(pki.path(pki.index), name)):
             report.notes.append(f"{name} has no valid certificate any more in {root} (revoked by hand?); "
                                 f"remove {root} to start the demo afresh")
     site, _warnings = render_site(pki, profile.nginx)

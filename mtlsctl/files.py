@@ -1087,10 +1087,12 @@ def resolve_journal(root: Path, lock_path: Path, *, discard: bool = False, dry_r
     return view, action
 
 
-def protect_database(root: Path, tx: Transaction) -> None:
+def protect_database(root: Path, tx: Transaction, *, signs: bool = True) -> None:
     """Before an `openssl ca` run: snapshot index.txt, index.txt.attr, serial, crlnumber (and their .old),
-    remember the .new files openssl writes on the way and the names in newcerts/ (any new file there is
-    removed on rollback), so a failure or a kill restores the database. One journal write for all of it."""
+    remember the .new files openssl writes on the way and, for a signing (`signs`), the names in newcerts/
+    (any new file there is removed on rollback), so a failure or a kill restores the database. One journal
+    write for all of it. `openssl ca -revoke` and `-gencrl` write nothing in newcerts/: listing its 100,000
+    names before and after them would cost a tenth of a second for nothing."""
     from mtlsctl.pki import DB_FILES_WITH_BACKUPS
 
     news = tuple(root / rel for rel in ("index.txt.new", "index.txt.attr.new", "serial.new", "crlnumber.new"))
@@ -1098,7 +1100,8 @@ def protect_database(root: Path, tx: Transaction) -> None:
         refuse_symlink(path)
     changed = tx._record_snapshots(tuple(root / rel for rel in DB_FILES_WITH_BACKUPS))
     changed = tx._record_may_create(news) or changed
-    changed = tx._record_listing(root / "newcerts") or changed
+    if signs:
+        changed = tx._record_listing(root / "newcerts") or changed
     if changed:
         tx._persist()
 

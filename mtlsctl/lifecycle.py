@@ -113,7 +113,7 @@ def revoke_command(cert: str, why: str) -> Command:
 
 def revoke_row(pki: Pki, row: db.IndexRow, why: str, runner: Runner, tx: Transaction, cert: str | None = None) -> None:
     """Revoke one database row (from `cert`, else the file that holds it) and prove it is R afterwards."""
-    protect_database(pki.root, tx)
+    protect_database(pki.root, tx, signs=False)
     runner.run(revoke_command(cert or cert_file(pki, row), why), cwd=pki.root)
     normalize_modes(pki.root, DB_FILES_WITH_BACKUPS)
     after = db.rows_with_serial(pki.path(pki.index), row.serial)
@@ -136,14 +136,14 @@ class RevokeResult:
 
 
 def select_for_revoke(pki: Pki, name: str | None, serial_hex: str | None) -> list[db.IndexRow]:
-    rows = db.read_index(pki.path(pki.index))
+    """The rows `revoke` acts on: the serial's, else the name's (only those rows are parsed: db.rows_named)."""
     if serial_hex is not None:
-        found = [r for r in rows if r.serial == serial_hex]
+        found = db.rows_with_serial(pki.path(pki.index), serial_hex)
         if not found:
             raise InputError(f"no certificate with serial {serial_hex} in index.txt", hint="see `mtlsctl list`")
         return found
     assert name is not None
-    found = [r for r in rows if r.cn == name]
+    found = db.rows_named(pki.path(pki.index), name)
     if not found:
         raise InputError(f"no certificate named {name!r} in index.txt", hint="see `mtlsctl list`")
     return found
@@ -234,7 +234,7 @@ def replace_request(settings: Settings, name: str, *, days: int | None = None, k
     validate.client_name(name)
     pki.require_ca()
     with read_lock(pki.root, writer=True):
-        rows = [r for r in db.read_index(pki.path(pki.index)) if r.cn == name]
+        rows = db.rows_named(pki.path(pki.index), name)
         if not rows:
             raise InputError(f"no certificate named {name!r} in index.txt", hint=f"issue one: mtlsctl add-client {name}")
         old = facts(read_certificate(pki.path(cert_file(pki, rows[-1]))))
@@ -252,7 +252,7 @@ def replace_request(settings: Settings, name: str, *, days: int | None = None, k
 def _replace_targets(pki: Pki, name: str, now: datetime) -> list[db.IndexRow]:
     """NAME's active certificates, which replace revokes once the new one exists. Each must have a file
     `openssl ca -revoke` can read (certs/NAME.crt or newcerts/SERIAL.pem): refused before anything is written."""
-    rows = [r for r in db.read_index(pki.path(pki.index)) if r.cn == name and r.is_active(now)]
+    rows = [r for r in db.rows_named(pki.path(pki.index), name) if r.is_active(now)]
     for row in rows:
         cert_file(pki, row)  # StateError naming the missing file
     return rows

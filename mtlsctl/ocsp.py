@@ -69,7 +69,7 @@ def setup(settings: Settings, runner: Runner) -> SetupResult:
         with pki_lock(pki.lock_path):
             atomic_write(cnf, wanted, MODE_PUBLIC)
         rendered = True
-    rows = [r for r in db.read_index(pki.path(pki.index)) if r.cn == SIGNER and r.is_active()]
+    rows = [r for r in db.rows_named(pki.path(pki.index), SIGNER) if r.is_active()]
     if rows and pki.path(ClientFiles(SIGNER).key).exists():
         return SetupResult(rendered, None)
     req = client.build_request(settings, SIGNER, days=settings.profile.ocsp.signer_days, kind="ocsp")  # type: ignore[union-attr]

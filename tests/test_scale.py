@@ -394,6 +394,59 @@ def test_the_row_of_one_serial_is_found_without_parsing_the_others(tmp_path):
     assert len(db.rows_with_serial(index, "1000")) == 2
 
 
+@pytest.mark.parametrize("block", [64, 1000, 1 << 18])
+def test_the_rows_of_one_name_are_found_without_parsing_the_others(tmp_path, monkeypatch, block):
+    """revoke, add-client, export, replace look up one name (or a serial) in 100,000 rows: blocks without it are
+    skipped unsplit. The same rows, in the same order, as filtering the whole parse; case variants and lines
+    with bytes outside ASCII when asked to ignore case; line numbers as the full reader counts them."""
+    monkeypatch.setattr(db, "_BLOCK", block)  # lines cut across blocks, blocks without a line end
+    lines = synthetic_rows(3000, names=1200)
+    lines += [f"V\t{asn1(NOW)}\t\t0abc\tunknown\t/CN=Dev-00042", f"V\t{asn1(NOW)}\t\t0ABD\tunknown\t/CN=dev-00042x",
+              f"V\t{asn1(NOW)}\t\t0ABE\tunknown\t/CN=DEV-\u212a0042", f"V\t{asn1(NOW)}\t\t0ABF\tunknown\t/CN=dev-00042/O=x",
+              f"V\t{asn1(NOW)}\t\t0AC0\tunknown\t/O=CN=dev-00042", f"V\t{asn1(NOW)}\t\t0AC1\tunknown\t/OU=CN=dev-00042/CN=DEV-00042"]
+    index = tmp_path / "index.txt"
+    index.write_text("\n".join(lines))  # no newline after the last row
+    rows = db.read_index(index)
+    for name in ("dev-00042", "dev-01199", "dev-00000", "Dev-00042", "nobody", "dev-0004", "dev-k0042"):
+        assert db.rows_named(index, name) == [r for r in rows if r.cn == name]
+        folded = [r for r in rows if (r.cn or "").lower() == name.lower()]
+        assert db.rows_named(index, name, ignore_case=True) == folded
+    assert [r.serial for r in db.rows_named(index, "dev-k0042", ignore_case=True)] == ["0ABE"]  # KELVIN SIGN folds to k
+    assert len(db.rows_named(index, "dev-00042", ignore_case=True)) == 2 + len(db.rows_named(index, "dev-00042"))
+    assert db.rows_named(index, "dev-00042")[-1].serial == "0ABF"  # the last CN decides, not a CN= inside a value
+    full = {n: line for n, line in db.index_lines(index)}
+    for needle in ("CN=dev-00042", "cn=DEV-00042", "/CN=dev-01199", "0abc"):
+        for n, line in db.index_lines(index, needle, ignore_case=True):
+            assert full[n] == line  # numbered as the full reader numbers them
+        assert {n for n, _ in db.index_lines(index, needle, ignore_case=True)} >= {
+            n for n, line in full.items() if needle.lower() in line.lower()}
+    assert db.rows_with_serial(index, "abc") == [r for r in rows if r.serial == "0ABC"]
+
+
+def test_a_lookup_refuses_a_hostile_row_it_reads_and_never_carries_a_huge_line(tmp_path, monkeypatch):
+    monkeypatch.setattr(db, "_BLOCK", 4096)
+    lines = synthetic_rows(500)
+    index = tmp_path / "index.txt"
+    index.write_text("\n".join([*lines, "V\tnot-a-date\t\t0ABC\tunknown\t/CN=target", *lines[:5]]) + "\n")
+    with pytest.raises(StateError, match="line 501 has the expiry"):
+        db.rows_named(index, "target")
+    assert [r.serial for r in db.rows_named(index, "dev-00003")] == [db.normalize_serial(lines[3].split("\t")[3])] * 2
+    index.write_text("\n".join([*lines, "V" * (db.MAX_LINE_BYTES + 10) + "/CN=nobody", *lines[:5]]) + "\n")
+    with pytest.raises(StateError, match="line 501 is longer than"):
+        db.rows_named(index, "nobody")
+    # a line without the name: refused when it shares a block with it, else passed over without being decoded;
+    # either way the lookup never returns other rows, and never holds more than MAX_LINE_BYTES and a block
+    try:
+        found = [r.serial for r in db.rows_named(index, "dev-00003")]
+    except StateError as exc:
+        assert "line 501 is longer than" in exc.message
+    else:
+        assert found == [db.normalize_serial(lines[3].split("\t")[3])] * 2
+    index.write_text("\n".join([*lines, "V" * (db.MAX_LINE_BYTES * 3)]))  # no line end: refused while it is carried
+    with pytest.raises(StateError, match="line 501 is longer than"):
+        db.rows_named(index, "nobody")
+
+
 def test_renew_with_nothing_due_makes_no_row_object(tmp_path, monkeypatch):
     """Nothing due: one pass over the text, no IndexRow, no datetime per row."""
     lines = synthetic_rows(5000)
