@@ -9,8 +9,10 @@ from __future__ import annotations
 import os
 import re
 import stat
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
 
 from mtlsctl import db
 from mtlsctl.audit import AUDIT_FILE
@@ -36,7 +38,91 @@ def _mode(path: os.PathLike[str] | str) -> int:
     return stat.S_IMODE(os.lstat(path).st_mode)
 
 
+def _owner_and_mode(path: str, st: os.stat_result, in_private: bool, owner: int, out: list[Finding]) -> None:
+    """The findings of one file or directory of the PKI from its lstat: another owner, a symlink inside
+    private/, writable by everyone."""
+    if st.st_uid != owner and st.st_uid != 0:
+        out.append(Finding("owners", "error", f"{path} is owned by uid {st.st_uid}, the PKI by uid {owner}",
+                           f"chown {owner} {path}"))
+    if stat.S_ISLNK(st.st_mode) and in_private:
+        out.append(Finding("owners", "error", f"{path} is a symlink inside private/", "replace it with the file"))
+    if not stat.S_ISLNK(st.st_mode) and stat.S_IMODE(st.st_mode) & 0o002:
+        out.append(Finding("modes", "error", f"{path} is writable by everyone", f"chmod o-w {path}"))
+
+
+def _paths_checked(paths: Iterable[Path], owner: int, out: list[Finding]) -> None:
+    for path in paths:
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            continue
+        _owner_and_mode(str(path), st, path.parent.name == "private", owner, out)
+
+
+def _secret_mode(pki: Pki, path: Path, out: list[Finding]) -> None:
+    mode = _mode(path)
+    if mode & 0o077:
+        out.append(Finding("modes", "error", f"{path.relative_to(pki.root)} is mode {mode:o}: readable by group or others",
+                           f"chmod {'400' if path.name == 'ca.key' else '600'} {path}"))
+
+
+def _is_file_at(dir_fd: int, name: str) -> bool:
+    """Path.is_file of a directory's entry (follows a symbolic link); False when it cannot be stat'ed."""
+    try:
+        return stat.S_ISREG(os.stat(name, dir_fd=dir_fd).st_mode)
+    except (OSError, ValueError):
+        return False
+
+
+def _flat_dir_checked(pki: Pki, sub: str, owner: int, secret: list[Finding], out: list[Finding]) -> bool:
+    """The checks of the entries of the PKI's directory `sub` (certs/, private/, newcerts/: 100,000 files each
+    in a fleet), from one listing and one lstat per entry relative to the open directory, with no Path objects.
+    The findings are those of the walk over `rglob("*")` (each entry's owner and mode) and, for private/ and
+    certs/, the secret files' modes (private/'s files, certs/*.p12), in the same order: a flat directory's
+    entries are listed in the order rglob and glob list them. False (nothing added) when the directory holds a
+    subdirectory (the order rglob walks a tree in differs between Python versions: the caller walks it as
+    before) or cannot be listed."""
+    base = str(pki.path(sub))
+    try:
+        dir_fd = os.open(base, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        return False
+    found: list[Finding] = []
+    secrets: list[Finding] = []
+    in_private, in_certs = sub == "private", sub == "certs"
+    lstat, is_link, is_reg = os.lstat, stat.S_ISLNK, stat.S_ISREG
+    try:
+        with os.scandir(dir_fd) as entries:
+            for entry in entries:
+                if entry.is_dir(follow_symlinks=False):
+                    return False
+                name = entry.name
+                try:
+                    st = lstat(name, dir_fd=dir_fd)
+                except FileNotFoundError:
+                    continue
+                st_mode, uid = st.st_mode, st.st_uid
+                link = is_link(st_mode)
+                if ((in_private and (is_reg(st_mode) or (link and _is_file_at(dir_fd, name))))
+                        or (in_certs and name.endswith(".p12"))) and st_mode & 0o077:
+                    secrets.append(Finding("modes", "error", f"{sub}/{name} is mode {stat.S_IMODE(st_mode):o}: readable by "
+                                           f"group or others", f"chmod {'400' if name == 'ca.key' else '600'} {base}/{name}"))
+                if (uid != owner and uid != 0) or (link and in_private) or (not link and st_mode & 0o002):
+                    _owner_and_mode(f"{base}/{name}", st, in_private, owner, found)
+    except OSError:
+        return False
+    finally:
+        os.close(dir_fd)
+    secret += secrets
+    out += found
+    return True
+
+
 def check_modes(settings: Settings) -> list[Finding]:
+    """Modes and owners of every file and directory of the PKI. Each of DIRS is listed once and each entry
+    lstat'ed once (a fleet's PKI holds 500,000 files); the findings and their order are those of a walk over
+    `[private/ files, certs/*.p12]` (secret files' modes), then `[root, root's files, *each of DIRS and its
+    rglob("*")]` (owners, symlinks in private/, writable by everyone)."""
     pki = settings.pki
     out = []
     owner = os.lstat(pki.root).st_uid
@@ -44,29 +130,26 @@ def check_modes(settings: Settings) -> list[Finding]:
     if private.is_dir() and _mode(private) & 0o077:
         out.append(Finding("modes", "error", f"private/ is mode {_mode(private):o}; others can list the keys",
                            f"chmod 700 {private}"))
-    secret_files = [p for p in private.glob("*") if p.is_file()] if private.is_dir() else []
-    secret_files += list(pki.path("certs").glob("*.p12"))
-    for path in secret_files:
-        mode = _mode(path)
-        if mode & 0o077:
-            out.append(Finding("modes", "error", f"{path.relative_to(pki.root)} is mode {mode:o}: readable by group or others",
-                               f"chmod {'400' if path.name == 'ca.key' else '600'} {path}"))
-    ours = [pki.root, *(p for p in pki.root.iterdir() if p.is_file() and p.name != AUDIT_FILE)]  # audit.log: check_audit_log
+    secret: dict[str, list[Finding]] = {"private": [], "certs": []}
+    walked: list[Finding] = []
+    _paths_checked([pki.root, *(p for p in pki.root.iterdir() if p.is_file() and p.name != AUDIT_FILE)],  # audit.log: check_audit_log
+                   owner, walked)
     for sub in DIRS:
-        if pki.path(sub).is_dir():
-            ours += [pki.path(sub), *pki.path(sub).rglob("*")]
-    for path in ours:
-        try:
-            st = os.lstat(path)
-        except FileNotFoundError:
+        directory = pki.path(sub)
+        if not directory.is_dir():
             continue
-        if st.st_uid != owner and st.st_uid != 0:
-            out.append(Finding("owners", "error", f"{path} is owned by uid {st.st_uid}, the PKI by uid {owner}",
-                               f"chown {owner} {path}"))
-        if stat.S_ISLNK(st.st_mode) and path.parent.name == "private":
-            out.append(Finding("owners", "error", f"{path} is a symlink inside private/", "replace it with the file"))
-        if not stat.S_ISLNK(st.st_mode) and stat.S_IMODE(st.st_mode) & 0o002:
-            out.append(Finding("modes", "error", f"{path} is writable by everyone", f"chmod o-w {path}"))
+        _paths_checked([directory], owner, walked)
+        if _flat_dir_checked(pki, sub, owner, secret.setdefault(sub, []), walked):
+            continue
+        # a subdirectory (or a listing that failed): walked with pathlib, exactly as it always was
+        _paths_checked(directory.rglob("*"), owner, walked)
+        if sub == "private":
+            for path in [p for p in directory.glob("*") if p.is_file()]:
+                _secret_mode(pki, path, secret[sub])
+        elif sub == "certs":
+            for path in directory.glob("*.p12"):
+                _secret_mode(pki, path, secret[sub])
+    out += secret["private"] + secret["certs"] + walked
     if not out:
         out.append(Finding("modes", "ok", "private files are readable by their owner only"))
     return out
@@ -143,25 +226,57 @@ def check_crl(settings: Settings, runner: Runner, now: datetime) -> list[Finding
             elif root.next_update - now <= timedelta(days=30):
                 out.append(Finding("crl", "warn", f"the root CRL expires on {root.next_update:%Y-%m-%d}",
                                    "mtlsctl crl --root --root-key FILE (the root key is needed)"))
-    revoked = sum(1 for r in db.read_index(pki.path(pki.index)) if r.status == "R")
+    revoked = sum(1 for line in db.scan_index(pki.path(pki.index)) if line.status == "R")
     if revoked > info.revoked:
         out.append(Finding("crl", "error", f"index.txt has {revoked} revoked certificates, the CRL lists {info.revoked}",
                            "mtlsctl crl (then reload nginx)"))
     return out
 
 
+def _names_ending(directory: Path, suffix: str) -> list[str]:
+    """The names of the entries of `directory` that end in `suffix`, in the order the directory lists them
+    (what `directory.glob("*" + suffix)` finds, as names, without a Path each); none when it cannot be listed."""
+    try:
+        with os.scandir(directory) as entries:
+            return [entry.name for entry in entries if entry.name.endswith(suffix)]
+    except OSError:
+        return []
+
+
+def _stem(name: str, suffix: str) -> str:
+    """Path(name).stem of a name ending in `suffix` (".crt" alone is its own stem, as pathlib has it)."""
+    return name[:-len(suffix)] if len(name) > len(suffix) else name
+
+
 def check_database(settings: Settings, now: datetime | None = None) -> list[Finding]:
+    """index.txt against newcerts/, certs/ and the serial file.
+
+    At 100,000 rows: index.txt is read in one pass (scan_index: no datetimes; "active" compares time keys),
+    each name's serials are gathered in a dict (certs/NAME.crt is looked up, not searched for: searching the
+    rows for each file was 10^10 steps), and the files are compared relative to the PKI's open directory."""
     pki = settings.pki
     now = now or datetime.now(timezone.utc)
+    now_key = db.now_key(now)
     out = []
+    count = 0
+    serials: set[str] = set()
+    by_name: dict[str, list[str]] = {}  # CN -> the serials of its rows, in index.txt's order
+    active: dict[str, list[str]] = {}  # lower-case CN -> the serials of its valid, unexpired rows
     try:
-        rows = db.read_index(pki.path(pki.index))
+        for line in db.scan_index(pki.path(pki.index)):
+            count += 1
+            serials.add(line.serial)
+            cn = line.cn
+            if cn is None:
+                continue
+            by_name.setdefault(cn, []).append(line.serial)
+            if cn and line.status == "V" and line.expires > now_key:  # IndexRow.is_active, on time keys
+                active.setdefault(cn.lower(), []).append(line.serial)
     except MtlsError as exc:
         return [Finding("database", "error", exc.message, exc.hint or "")]
-    serials = {r.serial for r in rows}
-    if len(serials) != len(rows):
+    if len(serials) != count:
         out.append(Finding("database", "error", "index.txt has duplicate serials", "restore index.txt from a backup"))
-    newcerts = {p.stem.upper() for p in pki.path("newcerts").glob("*.pem")}
+    newcerts = {_stem(name, ".pem").upper() for name in _names_ending(pki.path("newcerts"), ".pem")}
     for serial in sorted(serials - newcerts):
         out.append(Finding("database", "error", f"serial {serial} is in index.txt but newcerts/{serial}.pem is missing",
                            "restore newcerts/ from a backup"))
@@ -169,6 +284,7 @@ def check_database(settings: Settings, now: datetime | None = None) -> list[Find
         out.append(Finding("database", "error",
                            f"newcerts/{serial}.pem is not in index.txt (an orphan certificate: it can never be revoked)",
                            f"revoke it by hand: openssl ca -config openssl.cnf -valid newcerts/{serial}.pem, then -revoke"))
+    del newcerts
     try:
         next_serial = int(db.read_serial(pki.path(pki.serial)), 16)
         if serials and next_serial <= max(int(s, 16) for s in serials):
@@ -176,18 +292,18 @@ def check_database(settings: Settings, now: datetime | None = None) -> list[Find
                                "write the next free serial to the serial file"))
     except MtlsError as exc:
         out.append(Finding("database", "error", exc.message, exc.hint or ""))
-    by_pem = {}
-    for row in rows:
-        by_pem[row.serial] = row
-    for crt in sorted(pki.path("certs").glob("*.crt")):
-        name = crt.stem
-        if not any(r.cn == name and db.same_certificate(crt, pki.path(f"newcerts/{r.serial}.pem")) for r in rows):
-            out.append(Finding("database", "error", f"certs/{crt.name} is not in this CA's database",
-                               "move it away if it is not ours; if it is, restore index.txt from a backup"))
-    active: dict[str, list[str]] = {}
-    for row in rows:
-        if row.cn and row.is_active(now):
-            active.setdefault(row.cn.lower(), []).append(row.serial)
+    del serials
+    # certs/NAME.crt must be the certificate of one of NAME's rows (newcerts/SERIAL.pem), in sorted order
+    dir_fd = os.open(pki.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        for file in sorted(_names_ending(pki.path("certs"), ".crt")):
+            held = by_name.get(_stem(file, ".crt"), ())
+            if not any(db.same_certificate_at(dir_fd, f"certs/{file}", f"newcerts/{serial}.pem") for serial in held):
+                out.append(Finding("database", "error", f"certs/{file} is not in this CA's database",
+                                   "move it away if it is not ours; if it is, restore index.txt from a backup"))
+    finally:
+        os.close(dir_fd)
+    del by_name
     for name, held in sorted(active.items()):
         # renewal overlaps only until the old one is revoked: more than one is unfinished work (unless the profile
         # keeps superseded certificates valid on purpose: renew.revoke_superseded false)
@@ -200,7 +316,7 @@ def check_database(settings: Settings, now: datetime | None = None) -> list[Find
         out.append(Finding("database", "error", "an interrupted run left its journal",
                            "mtlsctl recover --dry-run (what it would roll back), then mtlsctl recover"))
     if not out:
-        out.append(Finding("database", "ok", f"index.txt ({len(rows)} certificates) matches newcerts/ and certs/"))
+        out.append(Finding("database", "ok", f"index.txt ({count} certificates) matches newcerts/ and certs/"))
     return out
 
 
