@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Scale: every cost of mtlsctl against the size of the PKI, up to a fleet of 100,000 devices (issue 16).
 
-    python benchmarks/scale.py                    # N = 1,000 / 10,000 / 100,000, 10 % and 20 % revoked (~1 hour on 2 cores)
+    python benchmarks/scale.py                    # N = 1,000 / 10,000 / 100,000, 10 % and 20 % revoked (~30 minutes on 2 cores)
     python benchmarks/scale.py --quick            # smoke mode: N = 200, 20 % revoked, one run of each (under a minute)
     python benchmarks/scale.py --sizes 1000,10000 --revoked 20 --repeat 5
 
@@ -23,17 +23,18 @@ How each PKI of N rows is built (the output repeats it, per PKI):
   the same cost); certs/NAME.csr and private/NAME.key are copies of one real CSR and key, certs/NAME.p12 a copy of
   the certificate (list only checks that these exist).
 
-Measured per PKI, medians of --repeat runs, mtlsctl and the guide alternating where the guide has an equivalent
-(who goes first alternates too), each mtlsctl command's peak memory (max RSS, from wait4) beside its time:
-`list`, `list --json`, `list --jsonl`; `renew` with nothing due vs the guide's mtls-renew.sh loop (benchmarks/run.py's
-reconstruction; only up to --guide-max-n: it runs openssl twice per certificate, ~50 ms each); `renew` with 1 % due
-(a cohort of REAL certificates each run; from --due-once-n on one run, on the PKI with the most revoked: 1,000
-renewals take minutes) vs the guide's whole script (up to --guide-max-n); `revoke` + CRL vs the
-guide's `openssl ca -revoke` + `openssl ca -gencrl`; `crl` vs `openssl ca -gencrl`; one `add-client` (RSA 2048)
-vs the guide's four commands (--pairs alternating pairs, means); `doctor` (stopped after --doctor-timeout); nginx
-`-t` and reload (until the new worker runs) with the CRL of that size, on 127.0.0.1 and a free high port, its
-config rendered by `mtlsctl nginx render` (as tests/test_e2e_nginx.py does), then a curl with a revoked client
-must get 400; and, for the openssl floor, one `openssl ca` signing and one `openssl ca -gencrl` by themselves.
+Measured per PKI, medians of --repeat runs, mtlsctl and the guide alternating where the guide has an equivalent (who
+goes first alternates too), each mtlsctl command's peak memory (GNU time's %M, else wait4's max RSS) beside its
+time: `list`, `list --json`, `list --json --no-files`, `list --jsonl`; `renew` with nothing due vs the guide's
+mtls-renew.sh loop (benchmarks/run.py's reconstruction; only up to --guide-max-n: it runs openssl twice per
+certificate, ~50 ms each); `renew` with 1 % due (a cohort of REAL certificates each run; from --due-once-n on one
+run, on the PKI with the most revoked: 1,000 renewals take minutes) vs the guide's whole script (up to
+--guide-max-n); `revoke` + CRL vs the guide's `openssl ca -revoke` + `openssl ca -gencrl`; `crl` vs `openssl ca
+-gencrl`; one `add-client` (RSA 2048) vs the guide's four commands (--pairs alternating pairs, means); `doctor`
+(stopped after --doctor-timeout); nginx `-t` and reload (until the new worker runs) with the CRL of that size, on
+127.0.0.1 and a free high port, its config rendered by `mtlsctl nginx render` (as tests/test_e2e_nginx.py does),
+then a curl with a revoked client must get 400; and, for the openssl floor, one `openssl ca` signing and one
+`openssl ca -gencrl` by themselves.
 
 Prints a table per PKI, the issue-16 targets MET or MISSED at N=100,000 with 20 % revoked, a markdown table for
 docs/performance.md, and writes the plot (--plot, docs/performance-scale.png by default; matplotlib, a

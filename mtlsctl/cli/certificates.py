@@ -441,15 +441,19 @@ def list_(
     """List every certificate in index.txt (read directly: no openssl run per certificate).
 
     The database is read as a stream, twice (first checked whole, then printed), never held in memory:
-    --jsonl suits inventories of 100,000 devices (one object per line for jq, grep or a log shipper).
-    A damaged index.txt is refused before anything is printed.
+    --jsonl --no-files suits inventories of 100,000 devices (one object per line for jq, grep or a log
+    shipper). A damaged index.txt is refused before anything is printed.
+
+    DETAIL shows a revoked certificate's date and reason; for the others, the files of the name's newest
+    certificate that exist (key csr crt p12; crt only when certs/NAME.crt is that certificate), "-" when
+    none, and nothing with --no-files. DAYS counts to notAfter, for a revoked certificate too.
 
     \b
     Examples:
       mtlsctl list
       mtlsctl list --expiring-within 30
       mtlsctl list --status revoked --json | jq -r '.[].name'
-      mtlsctl list --jsonl | jq -r 'select(.days_left < 30) | .name'
+      mtlsctl list --jsonl | jq -r 'select(.status == "expiring") | .name'
       mtlsctl list --jsonl --no-files | wc -l
     """
     from mtlsctl import crl as crl_mod
