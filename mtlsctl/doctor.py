@@ -16,7 +16,7 @@ from pathlib import Path
 
 from mtlsctl import db
 from mtlsctl.audit import AUDIT_FILE
-from mtlsctl.crl import CrlInfo, crl_info_from_file
+from mtlsctl.crl import CrlInfo, crl_info_from_file, missing_revocations
 from mtlsctl.errors import MtlsError
 from mtlsctl.files import JOURNAL_DIR
 from mtlsctl.pki import DIRS, Pki, Settings
@@ -226,10 +226,12 @@ def check_crl(settings: Settings, runner: Runner, now: datetime) -> list[Finding
             elif root.next_update - now <= timedelta(days=30):
                 out.append(Finding("crl", "warn", f"the root CRL expires on {root.next_update:%Y-%m-%d}",
                                    "mtlsctl crl --root --root-key FILE (the root key is needed)"))
-    revoked = sum(1 for line in db.scan_index(pki.path(pki.index)) if line.status == "R")
-    if revoked > info.revoked:
-        out.append(Finding("crl", "error", f"index.txt has {revoked} revoked certificates, the CRL lists {info.revoked}",
-                           "mtlsctl crl (then reload nginx)"))
+    # by serial, not by count: a CRL may list as many entries as index.txt has R rows and still miss one of them
+    missing = missing_revocations(pki)
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        out.append(Finding("crl", "error", f"the CRL does not list {len(missing)} certificate(s) index.txt has revoked "
+                           f"(serial {shown}): nginx still accepts them", "mtlsctl crl (then reload nginx)"))
     return out
 
 

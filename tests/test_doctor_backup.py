@@ -48,8 +48,26 @@ PLANTS = {
     "unique_subject_yes": (lambda p: (p / "index.txt.attr").write_text("unique_subject = yes\n"),
                            ("config", "warn", "index.txt.attr says unique_subject = yes")),
     "revoked_not_in_crl": (lambda p: openssl("ca", "-config", "openssl.cnf", "-revoke", "certs/a.crt", cwd=p),
-                           ("crl", "error", "index.txt has 1 revoked certificates, the CRL lists 0")),
+                           ("crl", "error", "the CRL does not list 1 certificate(s) index.txt has revoked (serial 1000)")),
+    # as many R rows as the CRL has entries, but not the same serials (index.txt restored or edited by hand)
+    "revoked_swapped": (lambda p: _revoke_another(p), ("crl", "error", "the CRL does not list 1 certificate(s) "
+                                                       "index.txt has revoked (serial 1001)")),
 }
+
+
+def _revoke_another(pki) -> None:
+    """The CRL lists serial 1000 (revoked by mtlsctl); then 1001 is revoked by hand and 1000 made valid again
+    in index.txt: one R row, one CRL entry, and the CRL misses the revocation that counts."""
+    from .conftest import run_cli
+
+    assert run_cli(["--pki-dir", str(pki), "add-client", "b"]).code == 0
+    assert run_cli(["--pki-dir", str(pki), "revoke", "a", "--no-reload"]).code == 0
+    openssl("ca", "-config", "openssl.cnf", "-revoke", "certs/b.crt", cwd=pki)
+    lines = (pki / "index.txt").read_text().splitlines()
+    fields = lines[0].split("\t")
+    assert fields[0] == "R" and fields[3] == "1000"
+    lines[0] = "\t".join(["V", fields[1], "", *fields[3:]])
+    (pki / "index.txt").write_text("\n".join(lines) + "\n")
 
 
 @pytest.mark.parametrize("plant", sorted(PLANTS))
