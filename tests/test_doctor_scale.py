@@ -126,7 +126,7 @@ def old_check_database(settings: Settings, now: datetime | None = None) -> list[
 
 # --------------------------------------------------------------------------- a fleet in openssl's layout
 
-ROWS, NAMES = 2500, 1800  # names repeat: renewals, some left with two valid certificates
+ROWS, NAMES = 1200, 860  # names repeat: renewals, some left with two valid certificates
 
 
 def pem(serial: str) -> str:
