@@ -196,7 +196,6 @@ def revoked_serials(index: Path) -> set[str]:
 def missing_revocations(pki: Pki, revoked: set[str] | None = None) -> list[str]:
     """Serials index.txt marks revoked (R) that crl/ca.crl does not list (parsed, not text). `revoked`: those
     serials, when the caller read them from this index.txt under the lock it still holds (renew's one pass)."""
-    from mtlsctl import db
     from mtlsctl.x509read import crl_serials
 
     if revoked is None:
@@ -207,10 +206,7 @@ def missing_revocations(pki: Pki, revoked: set[str] | None = None) -> list[str]:
         listed = crl_serials(pki.path(pki.crl))
     except StateError:
         return sorted(revoked)
-    missing = revoked - listed  # crl_serials spells serials as index.txt's rows do (normalised)
-    if missing:
-        missing -= {db.normalize_serial(s) for s in listed}
-    return sorted(missing)
+    return sorted(revoked - listed)  # both normalised (db.normalize_serial, x509read.serial_hex)
 
 
 @dataclass(frozen=True)

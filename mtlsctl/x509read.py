@@ -414,11 +414,15 @@ def crl_facts(crl: x509.CertificateRevocationList) -> CrlFacts:
                     revoked=len(crl), issuer=describe_name(crl.issuer))
 
 
-def read_crl_facts(path: Path) -> CrlFacts:
+def _crl_bytes(path: Path) -> bytes:
     try:
-        data = path.read_bytes()
+        return path.read_bytes()
     except OSError as exc:
         raise StateError(f"cannot read {path}: {exc.strerror}", hint="regenerate it: mtlsctl crl") from None
+
+
+def read_crl_facts(path: Path) -> CrlFacts:
+    data = _crl_bytes(path)
     return _derived("crl_facts", data, lambda: crl_facts(load_crl(data, str(path))), _crl_dump, _crl_load)
 
 
@@ -438,17 +442,16 @@ def _crl_load(value: Any) -> CrlFacts:
                     crl_number=number, revoked=revoked, issuer=issuer)
 
 
-_SERIALS_RE = re.compile(r"(?:[0-9A-F]{2})+(?:,(?:[0-9A-F]{2})+)*", re.ASCII)
+# serial_hex's spelling, which is db.normalize_serial's: even-length upper-case hex, no leading zero byte but "00"
+_SERIAL = r"(?:00|(?:0[1-9A-F]|[1-9A-F][0-9A-F])(?:[0-9A-F]{2})*)"
+_SERIALS_RE = re.compile(rf"{_SERIAL}(?:,{_SERIAL})*", re.ASCII)
 
 
 def crl_serials(path: Path) -> frozenset[str]:
     """The serials a CRL lists (serial_hex form), parsed from its DER; remembered by its bytes (mtlsctl/cache.py):
     `renew` asks every night whether index.txt's revocations are all in it, and 20,000 entries take cryptography's
     import and 0.1 s to read. StateError when the file cannot be read or is not a CRL."""
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise StateError(f"cannot read {path}: {exc.strerror}", hint="regenerate it: mtlsctl crl") from None
+    data = _crl_bytes(path)
     return _derived("crl_serials", data, lambda: frozenset(serial_hex(e.serial_number) for e in load_crl(data, str(path))),
                     lambda serials: ",".join(sorted(serials)), _serials_load)
 

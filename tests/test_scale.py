@@ -579,6 +579,6 @@ def test_the_crl_serials_remembered_are_those_openssl_listed(tiered_pki, monkeyp
     path = pki / "crl/ca.crl"
     assert crl_serials(path) == listed == crl_serials(path)  # computed, then from the cache
     assert crl.missing_revocations(resolve_settings(str(pki), None, environ={}).pki) == []
-    for junk in ("zz", "0A,", 7, ["0A"], "0A,0B;rm"):
+    for junk in ("zz", "0A,", 7, ["0A"], "0A,0B;rm", "000A", ",".join(f"00{s}" for s in listed), "a0"):
         monkeypatch.setattr(cache, "get", lambda kind, key, junk=junk: junk)
         assert crl_serials(path) == listed
