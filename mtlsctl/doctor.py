@@ -59,11 +59,16 @@ def _paths_checked(paths: Iterable[Path], owner: int, out: list[Finding]) -> Non
         _owner_and_mode(str(path), st, path.parent.name == "private", owner, out)
 
 
+def _secret_finding(rel: str, mode: int, path: str) -> Finding:
+    """A private key or bundle (`rel` in the PKI, at `path`) that group or others can read."""
+    return Finding("modes", "error", f"{rel} is mode {mode:o}: readable by group or others",
+                   f"chmod {'400' if rel.endswith('/ca.key') else '600'} {path}")
+
+
 def _secret_mode(pki: Pki, path: Path, out: list[Finding]) -> None:
     mode = _mode(path)
     if mode & 0o077:
-        out.append(Finding("modes", "error", f"{path.relative_to(pki.root)} is mode {mode:o}: readable by group or others",
-                           f"chmod {'400' if path.name == 'ca.key' else '600'} {path}"))
+        out.append(_secret_finding(str(path.relative_to(pki.root)), mode, str(path)))
 
 
 def _is_file_at(dir_fd: int, name: str) -> bool:
@@ -105,8 +110,7 @@ def _flat_dir_checked(pki: Pki, sub: str, owner: int, secret: list[Finding], out
                 link = is_link(st_mode)
                 if ((in_private and (is_reg(st_mode) or (link and _is_file_at(dir_fd, name))))
                         or (in_certs and name.endswith(".p12"))) and st_mode & 0o077:
-                    secrets.append(Finding("modes", "error", f"{sub}/{name} is mode {stat.S_IMODE(st_mode):o}: readable by "
-                                           f"group or others", f"chmod {'400' if name == 'ca.key' else '600'} {base}/{name}"))
+                    secrets.append(_secret_finding(f"{sub}/{name}", stat.S_IMODE(st_mode), f"{base}/{name}"))
                 if (uid != owner and uid != 0) or (link and in_private) or (not link and st_mode & 0o002):
                     _owner_and_mode(f"{base}/{name}", st, in_private, owner, found)
     except OSError:
