@@ -520,32 +520,22 @@ def _print_entries_json(entries: Iterable[CertEntry], *, lines: bool, files: boo
     """Each entry as it comes: one compact object per line (`lines`), else the elements of one JSON array,
     byte for byte what io.print_json(list) prints (indent 2), without building the list first. Written and
     flushed a batch of entries at a time. A reader that stops early (`| head`) ends the output quietly."""
+    from itertools import islice
+
+    render, between = (_entry_line, "\n") if lines else (_entry_element, ",\n")
     out = sys.stdout
+    entries = iter(entries)
     try:
-        batch: list[str] = []
-        if lines:
-            for e in entries:
-                batch.append(_entry_line(e, files))
-                if len(batch) == _BATCH:
-                    out.write("\n".join(batch) + "\n")
-                    out.flush()
-                    batch = []
-            if batch:
-                out.write("\n".join(batch) + "\n")
+        first = True
+        while batch := list(islice(entries, _BATCH)):
+            text = between.join(render(e, files) for e in batch)
+            # lines: each batch ends its last line; an array: elements joined across batches, "[" before the first
+            out.write(text + "\n" if lines else ("[\n" if first else between) + text)
             out.flush()
-            return
-        sep = "[\n"
-        for e in entries:
-            batch.append(_entry_element(e, files))
-            if len(batch) == _BATCH:
-                out.write(sep + ",\n".join(batch))
-                out.flush()
-                sep, batch = ",\n", []
-        if batch:
-            out.write(sep + ",\n".join(batch) + "\n]\n")
-        else:
-            out.write("[]\n" if sep == "[\n" else "\n]\n")
-        out.flush()
+            first = False
+        if not lines:
+            out.write("[]\n" if first else "\n]\n")
+            out.flush()
     except BrokenPipeError:
         import os
 
